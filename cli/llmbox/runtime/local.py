@@ -1,0 +1,34 @@
+"""Run an engine command as a local process, with the same argv a container would get."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+
+from llmbox.errors import UserError
+
+ENGINE_PACKAGES = ("torch", "transformers", "peft", "datasets")
+
+
+def engine_available() -> bool:
+    return all(importlib.util.find_spec(name) is not None for name in ENGINE_PACKAGES)
+
+
+def run_engine(command: str, argv: Sequence[str]) -> int:
+    """Run `python -m llmbox_engine COMMAND ARGV...`; its output streams straight to the terminal."""
+    if not engine_available():
+        missing = [name for name in ENGINE_PACKAGES if importlib.util.find_spec(name) is None]
+        raise UserError(
+            f"the engine's packages are not installed here ({', '.join(missing)} missing): "
+            "pip install 'llmbox[engine]', or run in the container with --runtime docker"
+        )
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    process = subprocess.Popen([sys.executable, "-m", "llmbox_engine", command, *argv], env=env)
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        # the child got the same Ctrl+C from the terminal and is saving its work: wait for it
+        return process.wait()

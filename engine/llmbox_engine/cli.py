@@ -1,0 +1,55 @@
+"""The engine's own entry point (`python -m llmbox_engine COMMAND`): what the host runs locally or in a container."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from llmbox.errors import UserError
+from llmbox.options import DATA_REPORT_OPTIONS, with_options
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+def engine() -> None:
+    """llmbox engine commands."""
+
+
+@engine.command()
+@with_options(DATA_REPORT_OPTIONS)
+def data(**values: Any) -> None:
+    """Show what training would see in --data."""
+    from llmbox_engine.data.ingest import load_examples
+    from llmbox_engine.data.report import build_report, print_report, token_statistics
+
+    result = load_examples(
+        values["data"],
+        dataset_format=values["dataset_format"],
+        max_examples=values["max_examples"],
+        skip_bad_records=values["skip_bad_records"],
+        seed=values["seed"],
+    )
+    tokens = None
+    if values["model"]:
+        tokens = token_statistics(result.examples, Path(values["model"]), values["max_seq_length"])
+    report = build_report(result, tokens)
+    if values["json"]:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        print_report(report)
+
+
+@engine.command("import-gguf")
+@click.argument("gguf_file", type=click.Path(path_type=Path))
+@click.option("--output", "output", type=click.Path(path_type=Path), required=True, help="The HF folder to write.")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True)
+def import_gguf_command(gguf_file: Path, output: Path, dtype: str) -> None:
+    """Import a GGUF file into a Hugging Face folder (safetensors + tokenizer)."""
+    from llmbox_engine.gguf_import import import_gguf
+
+    if output.exists() and any(output.iterdir()) and not (output / "config.json").is_file():
+        raise UserError(f"{output}: exists and is not a model folder; refusing to replace it")
+    folder = import_gguf(gguf_file, output, dtype)
+    click.echo(f"imported {gguf_file} -> {folder}")

@@ -1,0 +1,54 @@
+"""The one form every dataset format becomes: a conversation, or raw text for text-generation data."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Literal
+
+Task = Literal["instruction", "text-generation"]
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str  # one of ROLES
+    content: str
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where an example came from, for error messages and the data report."""
+
+    path: str
+    record: int  # 1-based
+
+
+@dataclass(frozen=True)
+class Example:
+    """A training example.
+
+    Conversations (`messages`) train on assistant turns only. Text examples (`text`) train on all of
+    `text`; an optional `prompt` is context that precedes it without being trained on (completion data).
+    `images` are absolute paths, referenced in order by the conversation (vision data).
+    """
+
+    format: str
+    origin: Origin
+    messages: tuple[Message, ...] = ()
+    text: str | None = None
+    prompt: str | None = None
+    images: tuple[str, ...] = field(default=())
+
+    @property
+    def task(self) -> Task:
+        return "text-generation" if self.text is not None else "instruction"
+
+    def content_key(self) -> str:
+        """Identical for exact duplicates, whatever file or format they came from."""
+        payload = json.dumps(
+            [[(m.role, m.content) for m in self.messages], self.text, self.prompt, list(self.images)],
+            ensure_ascii=False,
+        )
+        return hashlib.blake2b(payload.encode(), digest_size=16).hexdigest()
