@@ -32,10 +32,13 @@ def write_jsonl(path: Path, records: list[Any]) -> Path:
     return path
 
 
-def run_llmbox(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def run_llmbox(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """The installed `llmbox` console script, as a user would run it."""
     llmbox = Path(sys.executable).with_name("llmbox")
-    return subprocess.run([str(llmbox), *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([str(llmbox), *args], capture_output=True, text=True, cwd=cwd, env=full_env, timeout=600)
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,25 +49,26 @@ def resolve_sources(spec: str) -> list[Source]:
     return sources
 
 
-def _resolve_part(part: str) -> list[Source]:
+def _resolve_part(part: str) -> Sequence[Source]:
     path = Path(part).expanduser()
     if path.is_file():
         return [FileSource(path)]
     if path.is_dir():
         return _folder(path)
-    if _GLOB_CHARS.search(part):
-        matches = sorted(Path(m) for m in glob.glob(str(path), recursive=True))  # noqa: PTH207 (absolute patterns)
+    matches = sorted(Path(m) for m in glob.glob(str(path), recursive=True)) if _GLOB_CHARS.search(part) else []  # noqa: PTH207
+    if matches:
         files = [m for m in matches if m.is_file()]
         for folder in (m for m in matches if m.is_dir()):
             files += [s.path for s in _folder(folder)]
         data_files = [f for f in files if f.suffix.lower() in DATA_SUFFIXES]
         if not data_files:
-            what = "no files" if not files else f"no data files ({', '.join(DATA_SUFFIXES)})"
-            raise DataError(part, f"the glob matched {what}")
+            raise DataError(part, f"the glob matched no data files ({', '.join(DATA_SUFFIXES)})")
         return [FileSource(f) for f in data_files]
     hub = _HUB_SPEC.fullmatch(part)
     if hub:
         return [HubSource(hub["name"], hub["split"])]
+    if _GLOB_CHARS.search(part):
+        raise DataError(part, "the glob matched no files")
     raise DataError(part, "no such file or folder (and not a Hugging Face dataset name:split)")
 
 
