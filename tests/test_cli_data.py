@@ -10,7 +10,6 @@ from pathlib import Path
 
 from conftest import EXAMPLES, run_llmbox, write_json
 from llmbox_engine.data import split_examples
-from llmbox_engine.data.split import validation_size
 
 
 def test_json_report_of_the_bundled_examples() -> None:
@@ -47,13 +46,13 @@ def test_table_output_names_files_and_task() -> None:
     assert "alpaca.json" in proc.stdout and "task: instruction" in proc.stdout
 
 
-def test_validation_split_is_deterministic_and_never_empty() -> None:
+def test_validation_split_is_deterministic() -> None:
     items = list(range(100))
-    train, val = split_examples(items, 0.1, seed=3)
+    train, val = split_examples(items, 10, seed=3)
     assert len(val) == 10 and sorted(train + val) == items
-    assert split_examples(items, 0.1, seed=3) == (train, val)
-    assert split_examples(items, 0.1, seed=4)[1] != val
-    assert [validation_size(n, 0.1) for n in (0, 1, 2, 3, 20)] == [0, 0, 1, 1, 2]
+    assert split_examples(items, 10, seed=3) == (train, val)
+    assert split_examples(items, 10, seed=4)[1] != val
+    assert split_examples(items, 0, seed=3) == (items, [])
 
 
 def test_the_host_cli_does_not_import_torch() -> None:

@@ -11,6 +11,9 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import click
+import yaml
+
+from llmbox.plan import MODES, OPTIMIZERS
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -23,6 +26,7 @@ class Opt:
     default: Any = None
     is_flag: bool = False
     required: bool = False
+    flag_value: Any = None  # the value of an option given without one (`--tensorboard-only` alone)
 
     @property
     def dest(self) -> str:
@@ -31,9 +35,10 @@ class Opt:
     def click_option(self) -> Callable[[F], F]:
         if self.is_flag:
             return click.option(self.flag, self.dest, is_flag=True, default=False, help=self.help)
+        optional_value = {"is_flag": False, "flag_value": self.flag_value} if self.flag_value is not None else {}
         return click.option(
             self.flag, self.dest, type=self.type, default=self.default, required=self.required,
-            show_default=self.default is not None, help=self.help,
+            show_default=self.default is not None, help=self.help, **optional_value,
         )  # fmt: skip
 
     def to_argv(self, value: Any) -> list[str]:
@@ -51,6 +56,40 @@ def with_options(options: Sequence[Opt]) -> Callable[[F], F]:
         return func
 
     return decorate
+
+
+def config_file_option(options: Sequence[Opt]) -> Callable[[F], F]:
+    """`--config FILE.yaml`: any option as a YAML key; options on the command line win.
+
+    The file's values become the command's defaults (click's default_map), which is exactly
+    "the command line wins" without a second merge step.
+    """
+    known = {opt.dest: opt for opt in options}
+
+    def load(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+        if value is None:
+            return
+        try:
+            with open(value) as f:  # noqa: PTH123 (click hands us a str)
+                loaded = yaml.safe_load(f) or {}
+        except OSError as exc:
+            raise click.BadParameter(f"{value}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise click.BadParameter(f"{value}: malformed YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise click.BadParameter(f"{value}: expected a mapping of option names to values")
+        defaults = {}
+        for key, item in loaded.items():
+            dest = str(key).lstrip("-").replace("-", "_")
+            if dest not in known:
+                raise click.BadParameter(f"{value}: unknown option {key!r}")
+            defaults[dest] = item
+        ctx.default_map = {**(ctx.default_map or {}), **defaults}
+
+    return click.option(
+        "--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=False, callback=load,
+        help="A YAML file of options (any option as a key, e.g. `lora-r: 16`); the command line wins.",
+    )  # fmt: skip
 
 
 def to_argv(options: Sequence[Opt], values: Mapping[str, Any]) -> list[str]:
@@ -86,4 +125,46 @@ DATA_REPORT_OPTIONS: tuple[Opt, ...] = (
     Opt("--max-seq-length", "Truncate longer examples to this many tokens (default: the model's limit).",
         type=click.IntRange(min=2)),
     Opt("--json", "Print one JSON object instead of tables.", is_flag=True),
+)  # fmt: skip
+
+
+TRAIN_OPTIONS: tuple[Opt, ...] = (
+    *DATA_OPTIONS,
+    Opt("--mode", "Training mode (see README): slow, medium, fast, non-stop, adaptive.", type=click.Choice(MODES),
+        default="medium"),
+    Opt("--circular", "Cycle through a small dataset, growing the batch between cycles, until the loss is perfect.",
+        is_flag=True),
+    Opt("--max-circular-epochs", "Cycle limit for --circular.", type=click.IntRange(min=1), default=100),
+    Opt("--force-epochs", "Run exactly the epochs (or cycles) asked: every auto-stop off.", is_flag=True),
+    Opt("--epochs", "Epochs to train (default: by mode).", type=click.IntRange(min=1)),
+    Opt("--max-steps", "Stop after this many optimizer steps.", type=click.IntRange(min=1)),
+    Opt("--batch-size", "Examples per micro-batch (default: fit to memory).", type=click.IntRange(min=1)),
+    Opt("--gradient-accumulation-steps", "Micro-batches per optimizer step (default: auto).",
+        type=click.IntRange(min=1)),
+    Opt("--learning-rate", "Peak learning rate (default: by method, size and mode).", type=click.FloatRange(min=0,
+        min_open=True)),
+    Opt("--optimizer", "Optimizer.", type=click.Choice(OPTIMIZERS)),
+    Opt("--method", "lora or qlora (4-bit); default: qlora only when 16-bit weights do not fit.",
+        type=click.Choice(["lora", "qlora"])),
+    Opt("--use-8bit", "Load the base weights in 8 bits (bitsandbytes).", is_flag=True),
+    Opt("--lora-r", "LoRA rank (default: by model size).", type=click.IntRange(min=1)),
+    Opt("--lora-alpha", "LoRA alpha (default: 2 x rank).", type=click.IntRange(min=1)),
+    Opt("--max-seq-length", "Truncate examples to this many tokens (default: fit the data, within the model's limit).",
+        type=click.IntRange(min=2)),
+    Opt("--validation-split", "Fraction held out for validation (default 0.1; 0 in circular mode).",
+        type=click.FloatRange(min=0, max=1, max_open=True)),
+    Opt("--patience", "Evaluations without improvement before stopping (default: by task).",
+        type=click.IntRange(min=1)),
+    Opt("--overfitting-threshold", "Relative train/validation gap that counts as overfitting (default: by task).",
+        type=click.FloatRange(min=0, min_open=True)),
+    Opt("--resume", "Continue from checkpoints/last.", is_flag=True),
+    Opt("--resume-from", "Continue from this checkpoint folder."),
+    Opt("--output", "Where lora/, checkpoints/, logs/ and the plot go (default: the model's directory)."),
+    Opt("--no-tensorboard", "Do not start a TensorBoard server (logs are still written).", is_flag=True),
+    Opt("--tensorboard-port", "TensorBoard server port.", type=click.IntRange(1, 65535), default=6006),
+    Opt("--tensorboard-only", "Serve past runs' logs on PORT (default 6006) and train nothing.",
+        type=click.IntRange(1, 65535), flag_value=6006),
+    Opt("--skip-test", "Skip the sample answers after training.", is_flag=True),
+    Opt("--dry-run", "Print the training plan and exit.", is_flag=True),
+    Opt("--json", "With --dry-run: print the plan as JSON.", is_flag=True),
 )  # fmt: skip

@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from llmbox.errors import UserError
-from llmbox.options import DATA_REPORT_OPTIONS, with_options
+from llmbox.options import DATA_REPORT_OPTIONS, TRAIN_OPTIONS, config_file_option, with_options
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -53,3 +53,17 @@ def import_gguf_command(gguf_file: Path, output: Path, dtype: str) -> None:
         raise UserError(f"{output}: exists and is not a model folder; refusing to replace it")
     folder = import_gguf(gguf_file, output, dtype)
     click.echo(f"imported {gguf_file} -> {folder}")
+
+
+@engine.command()
+@click.option("--model-path", type=click.Path(path_type=Path), required=True, help="The base model (an HF folder).")
+@click.option(
+    "--trust-remote-code", is_flag=True, help="Run the model repository's own Python code (only if you trust it)."
+)
+@config_file_option(TRAIN_OPTIONS)
+@with_options(TRAIN_OPTIONS)
+def train(model_path: Path, trust_remote_code: bool, **values: Any) -> None:
+    """Fine-tune MODEL_PATH with LoRA/QLoRA on --data (what `llmbox train` runs)."""
+    from llmbox_engine.train.command import run_train
+
+    run_train(model_path, trust_remote_code, values)

@@ -1,0 +1,1 @@
+"""Training: the LoRA recipe, auto-stop rules, checkpoints and artifacts."""

@@ -1,0 +1,107 @@
+"""Loading the base model as the plan says (precision, 4/8-bit, attention, checkpointing) and wrapping it in LoRA."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+from llmbox.errors import UserError
+
+TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def attention_implementation(device: str, handler_supports_flash: bool) -> str:
+    """flash-attention 2 where it is installed and the family supports it, else PyTorch SDPA."""
+    if device == "cuda" and handler_supports_flash and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def require_bitsandbytes(what: str) -> None:
+    """bitsandbytes must import and see a GPU; a clear error otherwise, not a crash deep in the load."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError(
+            f"{what} needs bitsandbytes, which is not installed: pip install bitsandbytes (the CUDA image has it)"
+        )
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UserError(
+            f"{what} needs a CUDA GPU for bitsandbytes; none is visible here (use --method lora / adamw_torch)"
+        )
+
+
+def load_tokenizer(model_dir: Path, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        # padding is masked out of attention and loss, so any id will do; EOS is always there
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(
+    model_dir: Path,
+    *,
+    precision: str,
+    method: str,
+    use_8bit: bool,
+    attention: str,
+    device: str,
+    trust_remote_code: bool = False,
+) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = getattr(torch, TORCH_DTYPES[precision])
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attention, "trust_remote_code": trust_remote_code}
+    if method == "qlora" or use_8bit:
+        require_bitsandbytes("QLoRA (4-bit)" if method == "qlora" else "--use-8bit")
+        from transformers import BitsAndBytesConfig
+
+        if method == "qlora":
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=dtype,
+            )
+        else:
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    model: Any = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+    if "quantization_config" not in kwargs:
+        model.to(device)
+    model.config.use_cache = False  # training: a KV cache is wasted memory, and it disables packed-sequence masks
+    return model
+
+
+def wrap_lora(
+    model: Any,
+    *,
+    r: int,
+    alpha: int,
+    dropout: float,
+    target_modules: tuple[str, ...] | None,
+    gradient_checkpointing: bool,
+    quantized: bool,
+) -> Any:
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        # None: every linear layer but the output head, peft's own rule for it
+        target_modules=list(target_modules) if target_modules else "all-linear",
+        task_type="CAUSAL_LM",
+        bias="none",
+    )
+    return get_peft_model(model, config)
