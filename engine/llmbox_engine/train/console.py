@@ -63,11 +63,11 @@ def plan_table(plan: TrainingPlan, model_name: str) -> Table:
 def _auto_stop(plan: TrainingPlan) -> str:
     if not plan.auto_stop:
         return "off (--force-epochs)"
-    parts = [
-        f"perfect loss {plan.perfect_loss}",
-        f"overfitting {plan.overfitting_threshold:.0%}",
-        f"patience {plan.patience}",
-    ]
+    parts = [f"perfect loss {plan.perfect_loss}"]
+    if plan.overfitting_threshold is not None:
+        parts.append(f"overfitting {plan.overfitting_threshold:.0%}")
+    if plan.patience is not None:
+        parts.append(f"patience {plan.patience}")
     if plan.perplexity_limit:
         parts.append(f"perplexity > {plan.perplexity_limit:g}")
     return ", ".join(parts)

@@ -73,7 +73,7 @@ SAMPLE_ANSWERS = 3
 RESUMED_PLAN_FIELDS = (
     "lora_r", "lora_alpha", "lora_dropout", "target_modules", "max_seq_length", "batch_size",
     "gradient_accumulation_steps", "effective_batch_size", "max_batch_size", "learning_rate", "optimizer",
-    "epochs", "max_steps", "eval_steps", "save_steps", "seed", "n_train", "n_val", "steps_per_epoch",
+    "eval_steps", "save_steps", "seed", "n_train", "n_val", "steps_per_epoch",
 )  # fmt: skip
 
 
@@ -115,6 +115,7 @@ class LoraRecipe:
         self.lora_dir = self.output / "lora"
         self.checkpoints = self.output / "checkpoints"
         self.stop = GracefulStop()
+        self.oom_retried = False
 
     # ---- setup -------------------------------------------------------------------------------------------
 
@@ -264,7 +265,7 @@ class LoraRecipe:
                 f"(epoch {self.progress.epoch + 1}, batch {self.progress.batch_in_epoch})"
             )
         else:
-            self.progress = Progress(batch_size=self.plan.batch_size)
+            self.progress = Progress(batch_size=self.plan.batch_size, schedule_steps=self._schedule_steps())
             if self.plan.adaptive:
                 self.progress.adaptive = AdaptiveState.start(self.plan.eval_steps)
         self.stop_rules = StopRules(
@@ -288,9 +289,8 @@ class LoraRecipe:
         self.setup()
         if self.options.dry_run:
             return None
-        with self.stop:
-            result = self.train()
-        return self.finish(result)
+        with self.stop:  # a second Ctrl+C aborts the saving too: every artifact is staged, never half-written
+            return self.finish(self.train())
 
     def epoch_batches(self, epoch: int, batch_size: int) -> list[list[int]]:
         """The micro-batches of one epoch: a pure function of (seed, epoch, batch size), so resume can rebuild it."""
@@ -302,12 +302,18 @@ class LoraRecipe:
             seed=self.plan.seed + epoch,
         )
 
-    def _total_steps(self) -> int | None:
-        if self.plan.max_steps is not None:
-            return self.plan.max_steps
-        if self.plan.epochs is None or self.plan.circular:
+    def _schedule_steps(self) -> int | None:
+        """The learning-rate schedule's length, fixed at the start so a resumed run keeps the same curve.
+
+        It spans the planned epochs; `--max-steps` without `--epochs` spans that many steps instead (with
+        both, `--max-steps` only stops early). Circular and non-stop runs have no known end: flat after warm-up.
+        """
+        p = self.plan
+        if p.circular:
             return None
-        return self.plan.epochs * self.plan.steps_per_epoch
+        if p.max_steps is not None and self.options.flags.epochs is None:
+            return p.max_steps
+        return None if p.epochs is None else p.epochs * p.steps_per_epoch
 
     def _eval_interval(self) -> int:
         return self.progress.adaptive.eval_interval if self.progress.adaptive else self.plan.eval_steps
@@ -321,7 +327,14 @@ class LoraRecipe:
             batches = self.epoch_batches(prog.epoch, prog.batch_size)
             while prog.batch_in_epoch < len(batches):
                 group = batches[prog.batch_in_epoch : prog.batch_in_epoch + p.gradient_accumulation_steps]
-                loss = self._optimizer_step(group)
+                try:
+                    loss = self._optimizer_step(group)
+                except torch.OutOfMemoryError:
+                    self._shrink_after_out_of_memory()
+                    p = self.plan
+                    batches = self.epoch_batches(prog.epoch, prog.batch_size)
+                    prog.batch_in_epoch = 0  # the new batches cut the epoch differently: start it again
+                    continue
                 prog.batch_in_epoch += len(group)
                 steps_since_eval += 1
                 loss_since_eval += loss
@@ -345,6 +358,28 @@ class LoraRecipe:
                 what = "cycle limit" if p.circular else "all"
                 return self._final_evaluation(steps_since_eval, loss_since_eval, f"{what} {p.epochs} epoch(s) done")
 
+    def _shrink_after_out_of_memory(self) -> None:
+        """Out of memory: once, halve the micro-batch and double the accumulation (same effective batch)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        where = f"GPU {self.plan.gpu_name}" if self.plan.device == "cuda" else "CPU RAM"
+        if self.oom_retried or self.progress.batch_size == 1:
+            raise UserError(
+                f"out of memory on {where} at micro-batch {self.progress.batch_size} x {self.plan.max_seq_length} "
+                "tokens: try --max-seq-length with a smaller value, --method qlora, or a GPU with more free memory"
+            )
+        self.oom_retried = True
+        batch = max(1, self.progress.batch_size // 2)
+        accumulation = self.plan.gradient_accumulation_steps * 2
+        out.console.print(
+            f"out of memory on {where}: retrying with micro-batch {batch} x {accumulation} accumulation", style="yellow"
+        )
+        self.plan = dataclasses.replace(
+            self.plan, batch_size=batch, gradient_accumulation_steps=accumulation, max_batch_size=batch
+        )
+        self.progress.batch_size = batch
+
     def _final_evaluation(self, steps_since_eval: int, loss_since_eval: float, reason: str) -> str:
         if steps_since_eval:
             return self._evaluate(loss_since_eval / steps_since_eval, final=True) or reason
@@ -355,7 +390,7 @@ class LoraRecipe:
         p, prog = self.plan, self.progress
         batches = [padded_batch([self.train_set[i] for i in ids], self.tokenizer.pad_token_id, 8) for ids in group]
         targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-        lr = learning_rate_at(prog.step, p.learning_rate, self._total_steps())
+        lr = learning_rate_at(prog.step, p.learning_rate, prog.schedule_steps)
         lr *= prog.adaptive.lr_scale if prog.adaptive else 1.0
         for param_group in self.optimizer.param_groups:
             param_group["lr"] = lr
@@ -425,14 +460,12 @@ class LoraRecipe:
     def _log_evaluation(self, train_loss: float, val_loss: float | None, decision: StopDecision) -> None:
         prog = self.progress
         elapsed = time.monotonic() - self.started
-        steps_per_epoch = max(
-            1, len(self.epoch_batches(prog.epoch, prog.batch_size)) / self.plan.gradient_accumulation_steps
-        )
+        batches_in_epoch = len(self.epoch_batches(prog.epoch, prog.batch_size))
         line = out.status_line(
             number=len(prog.evaluations),
             elapsed=elapsed,
             step=prog.step,
-            epoch=prog.epoch + min(1.0, prog.batch_in_epoch / self.plan.gradient_accumulation_steps / steps_per_epoch),
+            epoch=prog.epoch + min(1.0, prog.batch_in_epoch / max(1, batches_in_epoch)),
             train_loss=train_loss,
             val_loss=val_loss,
             show_perplexity=self.data_facts.task == "text-generation",

@@ -18,6 +18,7 @@ from llmbox_engine.train.autostop import Evaluation
 @dataclass
 class Progress:
     batch_size: int  # examples per micro-batch now (circular mode grows it between cycles)
+    schedule_steps: int | None = None  # the learning-rate schedule's length, fixed when the run starts
     step: int = 0  # optimizer steps done
     epoch: int = 0  # the epoch (cycle) in progress, 0-based
     batch_in_epoch: int = 0  # micro-batches of this epoch already trained on

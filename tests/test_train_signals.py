@@ -1,0 +1,154 @@
+"""Ctrl+C and SIGTERM during training save a usable adapter and exit 0; a second Ctrl+C aborts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import write_json
+from train_helpers import qa_records
+
+
+def start_training(model: Path, out: Path, data: Path, *extra: str, host_cli: bool = False) -> subprocess.Popen[str]:
+    flags = ["--data", str(data), "--output", str(out), "--mode", "non-stop", "--no-tensorboard", "--skip-test",
+             "--patience", "100000", "--overfitting-threshold", "1000", *extra]  # fmt: skip
+    if host_cli:
+        command = [str(Path(sys.executable).with_name("llmbox")), "train", str(model), "--runtime", "local", *flags]
+    else:
+        command = [sys.executable, "-m", "llmbox_engine", "train", "--model-path", str(model), *flags]
+    # a session of its own, like a terminal's foreground job: Ctrl+C goes to the whole group
+    return subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+
+
+def wait_for(process: subprocess.Popen[str], marker: str, timeout: float = 120) -> list[str]:
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    assert process.stdout is not None
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if marker in line:
+            return lines
+    process.kill()
+    raise AssertionError(f"never saw {marker!r}:\n{''.join(lines)}")
+
+
+def finish(process: subprocess.Popen[str]) -> str:
+    try:
+        rest, _ = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise
+    return rest
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    return write_json(tmp_path / "qa.json", qa_records(40))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_finishes_the_step_saves_and_exits_zero(
+    tiny_llama: Path, tmp_path: Path, data: Path, sig: int
+) -> None:
+    out = tmp_path / "out"
+    process = start_training(tiny_llama, out, data)
+    wait_for(process, "eval   3")
+    os.killpg(process.pid, sig)
+    rest = finish(process)
+    assert process.returncode == 0, rest
+    name = signal.Signals(sig).name
+    assert f"stopped: stopped by {name}" in rest
+    info = json.loads((out / "lora" / "adapter_info.json").read_text())
+    assert info["stop_reason"] == f"stopped by {name}"
+    assert (out / "checkpoints" / "last" / "training_state.pt").is_file()
+
+
+def test_ctrl_c_through_the_host_cli_reaches_the_engine(tiny_llama: Path, tmp_path: Path, data: Path) -> None:
+    out = tmp_path / "out"
+    process = start_training(tiny_llama, out, data, host_cli=True)
+    wait_for(process, "eval   2")
+    os.killpg(process.pid, signal.SIGINT)
+    rest = finish(process)
+    assert process.returncode == 0, rest
+    assert (out / "lora" / "adapter_model.safetensors").is_file()
+    # the saved adapter loads with plain peft
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), out / "lora")
+
+
+def test_sigterm_to_the_host_cli_is_passed_on(tiny_llama: Path, tmp_path: Path, data: Path) -> None:
+    out = tmp_path / "out"
+    process = start_training(tiny_llama, out, data, host_cli=True)
+    wait_for(process, "eval   2")
+    process.send_signal(signal.SIGTERM)  # to llmbox alone, as a supervisor would
+    rest = finish(process)
+    assert process.returncode == 0, rest
+    assert "stopped by SIGTERM" in rest
+
+
+def test_a_second_ctrl_c_aborts_without_a_half_written_adapter(tiny_llama: Path, tmp_path: Path, data: Path) -> None:
+    out = tmp_path / "out"
+    process = start_training(tiny_llama, out, data)
+    wait_for(process, "eval   2")
+    os.killpg(process.pid, signal.SIGINT)
+    wait_for(process, "SIGINT: finishing this step")  # the first was handled; saving takes a while longer
+    os.killpg(process.pid, signal.SIGINT)
+    rest = finish(process)
+    assert process.returncode == 130, rest
+    assert "aborting" in rest
+    lora = out / "lora"
+    if lora.exists():  # published before the second signal landed: then it is whole
+        assert {p.name for p in lora.iterdir()} >= {
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            "adapter_info.json",
+        }
+    assert not list(out.glob(".lora*"))
+
+
+def test_tensorboard_only_serves_past_runs(tiny_llama: Path, tmp_path: Path, data: Path) -> None:
+    import socket
+
+    from train_helpers import train
+
+    out = tmp_path / "out"
+    train(tiny_llama, out, data, max_steps=3)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    llmbox = str(Path(sys.executable).with_name("llmbox"))
+    command = [llmbox, "train", str(tiny_llama), "--runtime", "local", "--data", "unused", "--output", str(out),
+               "--tensorboard-only", str(port)]  # fmt: skip
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        deadline, tags = time.monotonic() + 90, {}
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/data/plugin/scalars/tags", timeout=5) as r:
+                    tags = json.loads(r.read())
+                if tags:
+                    break
+            except OSError:
+                time.sleep(1)
+        run_tags = next(iter(tags.values()))
+        assert {"train/loss", "train/learning_rate", "train/grad_norm", "eval/val_loss"} <= set(run_tags)
+    finally:
+        os.killpg(process.pid, signal.SIGINT)
+        process.communicate(timeout=30)
