@@ -32,7 +32,7 @@ test-fast: venv
 	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
 
 demo: venv
-	$(VENV)/bin/llmbox data --data examples
+	bash examples/demo.sh
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache demo-run
