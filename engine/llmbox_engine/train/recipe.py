@@ -96,6 +96,11 @@ class TrainOptions:
     trust_remote_code: bool = False
 
     @property
+    def model_name(self) -> str:
+        """The model directory's name (`smollm2-135m`), not its weights folder's (`model`)."""
+        return self.model_path.parent.name if self.model_path.name == "model" else self.model_path.name
+
+    @property
     def seed(self) -> int:
         return self.flags.seed if self.flags.seed is not None else 42
 
@@ -142,7 +147,7 @@ class LoraRecipe:
             seed=o.seed,
         )
         if self.ingest.images:
-            raise UserError(f"{self.ingest.images} records carry images: {o.model_path.name} is a text-only model")
+            raise UserError(f"{self.ingest.images} records carry images: {o.model_name} is a text-only model")
         limit = o.flags.max_seq_length or min(
             self.handler.max_seq_length, max_positions(self.config) or self.handler.max_seq_length
         )
@@ -176,7 +181,7 @@ class LoraRecipe:
 
             out.console.print_json(json.dumps(self.plan.to_dict(), default=str))
         else:
-            out.print_plan(self.plan, o.model_path.name)
+            out.print_plan(self.plan, o.model_name)
         if o.dry_run:
             return
         if self.plan.optimizer in ("adamw_bnb_8bit", "paged_adamw_8bit"):
@@ -339,7 +344,8 @@ class LoraRecipe:
                 steps_since_eval += 1
                 loss_since_eval += loss
                 end_of_epoch = prog.batch_in_epoch >= len(batches)
-                if prog.step % self._eval_interval() == 0 or (end_of_epoch and p.circular):
+                # circular runs are judged per pass over the data; the others every eval interval
+                if end_of_epoch if p.circular else prog.step % self._eval_interval() == 0:
                     reason = self._evaluate(loss_since_eval / steps_since_eval)
                     steps_since_eval, loss_since_eval = 0, 0.0
                     if reason:
@@ -505,12 +511,13 @@ class LoraRecipe:
         source = self.checkpoints / "best" if (self.checkpoints / "best").is_dir() else last
         adapter = publish_adapter(source, self.lora_dir, self.adapter_info(source))
         decision = decide(prog.evaluations, self.stop_rules)
+        mode = "circular" if self.plan.circular else self.plan.mode
         plot_history(
             prog.train_points,
             prog.evaluations,
             decision.best_index,
             self.output / "training_history.png",
-            f"{self.options.model_path.name}: LoRA r{self.plan.lora_r}, {self.plan.mode}",
+            f"{self.options.model_name}: LoRA r{self.plan.lora_r}, {mode} mode",
         )
         out.console.print(f"[bold]stopped:[/] {stop_reason}")
         out.console.print(f"adapter: {adapter}  (from {source.name}, step {self._checkpoint_step(source)})")
@@ -537,7 +544,7 @@ class LoraRecipe:
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "base_model": {
                 "path": str(self.options.model_path),
-                "name": self.options.model_path.name,
+                "name": self.options.model_name,
                 "model_type": self.config.get("model_type"),
                 "fingerprint": model_fingerprint(self.options.model_path),
             },
@@ -574,7 +581,9 @@ class LoraRecipe:
         self.model.eval()
         template = chat_template_for(self.tokenizer, self.handler.chat_template)
         rows = []
-        for example in [e for e in self.val_examples if e.messages][:SAMPLE_ANSWERS]:
+        conversations = [e for e in self.val_examples if e.messages]
+        spread = max(1, len(conversations) // SAMPLE_ANSWERS)  # from across the data, not its first records
+        for example in conversations[::spread][:SAMPLE_ANSWERS]:
             prompt_messages = [{"role": m.role, "content": m.content} for m in example.messages[:-1]]
             encoded = self.tokenizer.apply_chat_template(
                 prompt_messages,
