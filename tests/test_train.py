@@ -223,3 +223,17 @@ def test_bitsandbytes_optimizer_without_bitsandbytes_is_a_clear_error(tmp_path: 
 def test_train_rejects_a_folder_that_is_not_a_model(tmp_path: Path) -> None:
     proc = run_llmbox("train", str(tmp_path), "--data", str(qa_file(tmp_path)), "--runtime", "local")
     assert proc.returncode != 0 and "not a model folder" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_train_lora_script_for_pipelines(tmp_path: Path, tiny_llama: Path) -> None:
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "engine" / "train_lora.py"
+    base = [sys.executable, str(script), "--model-path", str(tiny_llama), "--no-tensorboard", "--skip-test"]
+    ok = subprocess.run([*base, "--data", str(qa_file(tmp_path)), "--output", str(tmp_path / "run"), "--max-steps", "2",
+                         "--lora-r", "4"], capture_output=True, text=True)  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    assert adapter_info(tmp_path / "run")["plan"]["lora_r"] == 4
+    bad = subprocess.run([*base, "--data", str(tmp_path / "missing.json")], capture_output=True, text=True)
+    assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].startswith("error: ")

@@ -744,6 +744,7 @@ def plan(
         raise UserError("no training examples")
     notes = _Notes()
     handler = handler_by_name(model.handler)
+    notes.why("handler", model.handler_reason)
     mode = cast(Mode, flags.mode or "medium")
     notes.why("mode", "--mode" if flags.mode else "default")
 

@@ -125,3 +125,30 @@ def samples_table(rows: Sequence[dict[str, Any]]) -> Table:
 def _clip(text: str, limit: int = 300) -> str:
     text = text.strip()
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class StepBar:
+    """A progress bar between evaluations, on a terminal only: logs get the status lines alone."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.enabled = console.is_terminal
+        self.progress = Progress(
+            TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TimeRemainingColumn(), console=console, transient=True, disable=not self.enabled,
+        )  # fmt: skip
+        self.task = self.progress.add_task("training", total=1)
+
+    def __enter__(self) -> StepBar:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def restart(self, total: int) -> None:
+        self.progress.reset(self.task, total=max(1, total), description="to next evaluation")
+
+    def advance(self, loss: float) -> None:
+        self.progress.update(self.task, advance=1, description=f"loss {loss:.4f}")

@@ -324,6 +324,11 @@ class LoraRecipe:
         return self.progress.adaptive.eval_interval if self.progress.adaptive else self.plan.eval_steps
 
     def train(self) -> str:
+        with out.StepBar() as self.bar:
+            self.bar.restart(self._eval_interval())
+            return self._train_loop()
+
+    def _train_loop(self) -> str:
         p, prog = self.plan, self.progress
         self.started = time.monotonic() - prog.train_seconds
         self.model.train()
@@ -341,6 +346,7 @@ class LoraRecipe:
                     prog.batch_in_epoch = 0  # the new batches cut the epoch differently: start it again
                     continue
                 prog.batch_in_epoch += len(group)
+                self.bar.advance(loss)
                 steps_since_eval += 1
                 loss_since_eval += loss
                 end_of_epoch = prog.batch_in_epoch >= len(batches)
@@ -348,6 +354,7 @@ class LoraRecipe:
                 if end_of_epoch if p.circular else prog.step % self._eval_interval() == 0:
                     reason = self._evaluate(loss_since_eval / steps_since_eval)
                     steps_since_eval, loss_since_eval = 0, 0.0
+                    self.bar.restart(self._eval_interval())
                     if reason:
                         return reason
                 if self.stop.requested:
