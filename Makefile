@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: venv lint test test-fast demo clean
+.PHONY: venv lint test test-fast test-gpu demo clean
 
 $(VENV)/.installed: pyproject.toml tests/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,13 @@ test: lint
 
 test-fast: venv
 	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
+
+# On a CUDA machine: its own virtualenv with PyPI's CUDA torch and bitsandbytes, then the GPU test set.
+GPU_VENV ?= .venv-gpu
+test-gpu:
+	$(MAKE) venv VENV=$(GPU_VENV) TORCH_PIN=torch==2.13.0
+	$(GPU_VENV)/bin/pip install -q bitsandbytes
+	$(GPU_VENV)/bin/pytest -p no:cacheprovider --override-ini addopts=-ra tests/gpu tests/test_e2e_smollm2.py $(PYTEST_ARGS)
 
 demo: venv
 	bash examples/demo.sh

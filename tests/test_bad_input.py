@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_llmbox, write_json, write_jsonl
 from llmbox.errors import DataError
 from llmbox_engine.data import load_examples
+
+from conftest import run_llmbox, write_json, write_jsonl
 
 
 def assert_one_error_line(args: list[str], *expected: str, env: dict[str, str] | None = None) -> str:

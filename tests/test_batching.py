@@ -12,6 +12,7 @@ import torch
 
 from llmbox_engine.data.batching import packed_batch, padded_batch, token_budget_batches
 from llmbox_engine.data.render import IGNORE_INDEX, TokenizedExample
+
 from tiny_models import FAMILIES
 
 

@@ -8,8 +8,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from conftest import EXAMPLES, run_llmbox, write_json
 from llmbox_engine.data import split_examples
+
+from conftest import EXAMPLES, run_llmbox, write_json
 
 
 def test_json_report_of_the_bundled_examples() -> None:

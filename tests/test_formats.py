@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import EXAMPLES, write_json, write_jsonl
 from llmbox.errors import DataError, UserError
 from llmbox_engine.data import Message, load_examples
+
+from conftest import EXAMPLES, write_json, write_jsonl
 
 
 def test_alpaca_with_and_without_input(tmp_path: Path) -> None:

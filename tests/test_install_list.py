@@ -8,8 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import run_llmbox
 from llmbox.install import default_name
+
+from conftest import run_llmbox
 
 
 def test_install_a_local_folder_then_list_it(tmp_path: Path, tiny_llama: Path) -> None:

@@ -12,6 +12,7 @@ from llmbox.errors import DataError
 from llmbox_engine.data import Example, Message, Origin
 from llmbox_engine.data.render import Renderer, TokenizedExample, chat_template_for, render_stats
 from llmbox_handlers import CHATML_TEMPLATE, FAMILY_HANDLERS, GENERIC
+
 from tiny_models import build_tokenizer
 
 ORIGIN = Origin("test.json", 1)

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_json, write_jsonl
 from llmbox.errors import DataError
 from llmbox_engine.data import load_examples
 from llmbox_engine.data.sources import FileSource, HubSource, resolve_sources
+
+from conftest import write_json, write_jsonl
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import torch
 
 from llmbox.model_facts import read_config
 from llmbox_handlers import match_handler
+
 from tiny_models import FAMILIES
 
 EXPECTED_HANDLER = {

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import EXAMPLES, run_llmbox, write_json
 from llmbox.errors import UserError
 from llmbox_engine.train.artifacts import numbered_checkpoints
+
+from conftest import EXAMPLES, run_llmbox, write_json
 from train_helpers import adapter_info, qa_file, qa_records, train
 
 

@@ -7,9 +7,10 @@ import random
 from pathlib import Path
 from typing import Any
 
-from conftest import write_json
 from llmbox.plan import PlanFlags
 from llmbox_engine.train.recipe import LoraRecipe, TrainOptions, TrainResult
+
+from conftest import write_json
 
 
 def qa_records(n: int, seed: int = 0) -> list[dict[str, str]]:
