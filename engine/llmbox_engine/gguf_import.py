@@ -8,11 +8,10 @@ rebuilt from its config (without the quantization marker) and the state dict ass
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 from llmbox.errors import UserError
+from llmbox_engine.atomic import staged_dir
 
 
 def import_gguf(gguf_path: Path, out_dir: Path, dtype: str = "bfloat16") -> Path:
@@ -47,20 +46,12 @@ def import_gguf(gguf_path: Path, out_dir: Path, dtype: str = "bfloat16") -> Path
 
     out_dir = out_dir.expanduser().resolve()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with staged_dir(out_dir) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         _portable_tokenizer_config(staging)
-        (staging / "llmbox_import.json").write_text(
-            json.dumps({"source": str(gguf_path), "source_bytes": gguf_path.stat().st_size, "dtype": dtype}, indent=2)
-        )
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.replace(out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        source = {"source": str(gguf_path), "source_bytes": gguf_path.stat().st_size, "dtype": dtype}
+        (staging / "llmbox_import.json").write_text(json.dumps(source, indent=2))
     return out_dir
 
 

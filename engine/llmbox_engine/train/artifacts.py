@@ -13,70 +13,24 @@ run) sees the old folder or the new one, never half of one.
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from llmbox_engine.atomic import staged_dir, write_json
 
 ADAPTER_INFO = "adapter_info.json"
 TRAINING_STATE = "training_state.pt"
 TRAINER_STATE = "trainer_state.json"
 
 
-@contextmanager
-def staged_dir(final: Path) -> Iterator[Path]:
-    """A fresh folder beside `final`; on success it replaces `final` (the old one is removed)."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        yield staging
-        _fsync_tree(staging)
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        if final.exists():
-            final.rename(old)
-        staging.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
 def publish_adapter(source: Path, lora_dir: Path, info: dict[str, Any]) -> Path:
     """Copy a checkpoint's adapter to `lora_dir` with its info; the previous adapter becomes `lora.prev`."""
-    lora_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{lora_dir.name}.tmp-", dir=lora_dir.parent))
-    try:
+    with staged_dir(lora_dir, keep_previous=lora_dir.with_name(f"{lora_dir.name}.prev")) as staging:
         for name in ("adapter_config.json", "adapter_model.safetensors"):
             shutil.copy2(source / name, staging / name)
         write_json(staging / ADAPTER_INFO, info)
-        _fsync_tree(staging)
-        previous = lora_dir.with_name(f"{lora_dir.name}.prev")
-        if lora_dir.exists():
-            shutil.rmtree(previous, ignore_errors=True)
-            lora_dir.rename(previous)
-        staging.rename(lora_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return lora_dir
-
-
-def write_json(path: Path, value: Any) -> None:
-    """Write-then-rename, so a reader never sees a truncated file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(value, indent=2, default=str) + "\n")
-    tmp.replace(path)
-
-
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.rglob("*"):
-        if path.is_file():
-            with path.open("rb") as f:
-                os.fsync(f.fileno())
 
 
 def numbered_checkpoints(checkpoints: Path) -> list[Path]:

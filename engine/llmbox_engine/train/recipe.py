@@ -37,6 +37,7 @@ from llmbox.errors import UserError
 from llmbox.facts import DataFacts, model_facts_from_config, read_gpu_facts, read_host_facts
 from llmbox.model_facts import max_positions, read_config
 from llmbox.plan import PlanFlags, TrainingPlan, plan
+from llmbox_engine.atomic import staged_dir
 from llmbox_engine.data.batching import padded_batch, token_budget_batches
 from llmbox_engine.data.canonical import Example
 from llmbox_engine.data.ingest import IngestResult, load_examples
@@ -49,7 +50,6 @@ from llmbox_engine.train.artifacts import (
     model_fingerprint,
     prune_checkpoints,
     publish_adapter,
-    staged_dir,
 )
 from llmbox_engine.train.autostop import Evaluation, StopDecision, StopRules, decide
 from llmbox_engine.train.history_plot import plot_history

@@ -10,8 +10,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from llmbox_engine.atomic import write_json
 from llmbox_engine.train.adaptive import AdaptiveState
-from llmbox_engine.train.artifacts import TRAINER_STATE, TRAINING_STATE, write_json
+from llmbox_engine.train.artifacts import TRAINER_STATE, TRAINING_STATE
 from llmbox_engine.train.autostop import Evaluation
 
 

@@ -1,0 +1,50 @@
+"""Writing folders and files so that a reader sees the old version or the new one, never half of one."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+
+@contextmanager
+def staged_dir(final: Path, keep_previous: Path | None = None) -> Iterator[Path]:
+    """A fresh folder beside `final` that replaces it on success (and vanishes on failure).
+
+    The old `final` is removed, or kept as `keep_previous`. Between the two renames `final` is briefly
+    absent; a reader must treat that as "no change yet", never as a broken folder.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield staging
+        _fsync_tree(staging)
+        old = keep_previous or final.with_name(f".{final.name}.old-{os.getpid()}")
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+        staging.rename(final)
+        if keep_previous is None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Write-then-rename, so a reader never sees a truncated file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(value, indent=2, default=str) + "\n")
+    tmp.replace(path)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with path.open("rb") as f:
+                os.fsync(f.fileno())
