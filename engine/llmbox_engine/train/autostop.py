@@ -25,8 +25,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from llmbox.plan import TASK_THRESHOLDS, TrainingPlan
 
 TASKS = ("instruction", "text-generation")
 # Past this exp() overflows a float; perplexity is reported as inf instead.
@@ -61,6 +64,17 @@ class StopDecision:
     patience_left: int
 
 
+def rules_from_plan(plan: TrainingPlan) -> StopRules:
+    """The rules a planned run uses; a rule the plan turned off (None) can never fire."""
+    return StopRules(
+        perfect_loss=plan.perfect_loss if plan.perfect_loss is not None else 0.0,
+        overfitting_threshold=plan.overfitting_threshold if plan.overfitting_threshold is not None else math.inf,
+        patience=plan.patience if plan.patience is not None else sys.maxsize,
+        perplexity_limit=plan.perplexity_limit,
+        enabled=plan.auto_stop,
+    )
+
+
 def rules_for_task(
     task: str,
     *,
@@ -68,13 +82,16 @@ def rules_for_task(
     overfitting_threshold: float | None = None,
     force_epochs: bool = False,
 ) -> StopRules:
-    """The default rules for "instruction" or "text-generation", with the user's overrides."""
-    if task == "instruction":
-        rules = StopRules(perfect_loss=0.01, overfitting_threshold=0.10, patience=3)
-    elif task == "text-generation":
-        rules = StopRules(perfect_loss=0.5, overfitting_threshold=0.20, patience=5, perplexity_limit=100.0)
-    else:
+    """The default rules for "instruction" or "text-generation" (the planner's table), with overrides."""
+    if task not in TASK_THRESHOLDS:
         raise ValueError(f"unknown task {task!r}: expected one of {', '.join(TASKS)}")
+    defaults = TASK_THRESHOLDS[task]
+    rules = StopRules(
+        perfect_loss=defaults.perfect_loss,
+        overfitting_threshold=defaults.overfitting_threshold,
+        patience=defaults.patience,
+        perplexity_limit=defaults.perplexity_limit,
+    )
     if patience is not None:
         if patience < 1:
             raise ValueError(f"patience must be at least 1, got {patience}")

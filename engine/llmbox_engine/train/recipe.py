@@ -51,7 +51,7 @@ from llmbox_engine.train.artifacts import (
     prune_checkpoints,
     publish_adapter,
 )
-from llmbox_engine.train.autostop import Evaluation, StopDecision, StopRules, decide
+from llmbox_engine.train.autostop import Evaluation, StopDecision, decide, rules_from_plan
 from llmbox_engine.train.history_plot import plot_history
 from llmbox_engine.train.loss import loss_sum
 from llmbox_engine.train.model_setup import (
@@ -273,13 +273,7 @@ class LoraRecipe:
             self.progress = Progress(batch_size=self.plan.batch_size, schedule_steps=self._schedule_steps())
             if self.plan.adaptive:
                 self.progress.adaptive = AdaptiveState.start(self.plan.eval_steps)
-        self.stop_rules = StopRules(
-            perfect_loss=self.plan.perfect_loss if self.plan.perfect_loss is not None else 0.0,
-            overfitting_threshold=self.plan.overfitting_threshold or math.inf,
-            patience=self.plan.patience or 1_000_000,
-            perplexity_limit=self.plan.perplexity_limit,
-            enabled=self.plan.auto_stop,
-        )
+        self.stop_rules = rules_from_plan(self.plan)
         self.run_name = datetime.now().strftime("%Y%m%d-%H%M%S")
         self.writer = self._tensorboard_writer()
 
