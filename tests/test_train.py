@@ -238,3 +238,39 @@ def test_train_lora_script_for_pipelines(tmp_path: Path, tiny_llama: Path) -> No
     assert adapter_info(tmp_path / "run")["plan"]["lora_r"] == 4
     bad = subprocess.run([*base, "--data", str(tmp_path / "missing.json")], capture_output=True, text=True)
     assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_a_failed_write_leaves_the_published_folder_untouched(tmp_path: Path) -> None:
+    from llmbox_engine.atomic import staged_dir
+
+    final = tmp_path / "lora"
+    with staged_dir(final) as staging:
+        (staging / "adapter_model.safetensors").write_text("v1")
+    with pytest.raises(RuntimeError), staged_dir(final) as staging:
+        (staging / "adapter_model.safetensors").write_text("half of v2")
+        raise RuntimeError("disk full")
+    assert (final / "adapter_model.safetensors").read_text() == "v1"
+    assert [p.name for p in tmp_path.iterdir()] == ["lora"]  # no staging folder left behind
+
+
+def test_packed_and_padded_batches_give_the_trainer_the_same_loss(tmp_path: Path, tiny_llama: Path) -> None:
+    # the trainer packs when flash-attention is there (GPU); on SDPA the same packed rows are correct, only slower
+    from llmbox.plan import PlanFlags
+    from llmbox_engine.data.batching import packed_batch, padded_batch
+    from llmbox_engine.train.loss import loss_sum
+    from llmbox_engine.train.model_setup import attention_implementation
+    from llmbox_engine.train.recipe import LoraRecipe, TrainOptions
+
+    assert attention_implementation("cpu", True) == "sdpa" and attention_implementation("cuda", False) == "sdpa"
+    recipe = LoraRecipe(
+        TrainOptions(tiny_llama, tmp_path, str(qa_file(tmp_path)), PlanFlags(max_steps=1), tensorboard=False)
+    )
+    recipe.setup()
+    assert recipe.packed is False
+    examples = recipe.train_set[:5]
+    recipe.model.eval()
+    with torch.no_grad():
+        padded, n_padded = loss_sum(recipe.model, padded_batch(examples, recipe.tokenizer.pad_token_id, 8))
+        packed, n_packed = loss_sum(recipe.model, packed_batch(examples))
+    assert n_padded == n_packed > 0
+    assert float(packed) == pytest.approx(float(padded), rel=1e-4)

@@ -38,7 +38,7 @@ from llmbox.facts import DataFacts, model_facts_from_config, read_gpu_facts, rea
 from llmbox.model_facts import max_positions, read_config
 from llmbox.plan import PlanFlags, TrainingPlan, plan
 from llmbox_engine.atomic import staged_dir
-from llmbox_engine.data.batching import padded_batch, token_budget_batches
+from llmbox_engine.data.batching import packed_batch, padded_batch, token_budget_batches
 from llmbox_engine.data.canonical import Example
 from llmbox_engine.data.ingest import IngestResult, load_examples
 from llmbox_engine.data.render import Renderer, TokenizedExample, chat_template_for, render_stats
@@ -216,6 +216,9 @@ class LoraRecipe:
         if p.device == "cpu":
             torch.manual_seed(p.seed)
         attention = attention_implementation(p.device, self.handler.supports_flash_attention)
+        # flash-attention's varlen kernels keep packed examples apart at no cost; SDPA would need a dense
+        # block-diagonal mask over the whole row, slower than the padding it saves
+        self.packed = attention == "flash_attention_2"
         base = load_base_model(
             self.options.model_path,
             precision=p.precision,
@@ -395,7 +398,7 @@ class LoraRecipe:
     def _optimizer_step(self, group: list[list[int]]) -> float:
         """One optimizer step over `group` micro-batches; each target token weighs the same."""
         p, prog = self.plan, self.progress
-        batches = [padded_batch([self.train_set[i] for i in ids], self.tokenizer.pad_token_id, 8) for ids in group]
+        batches = [self._collate([self.train_set[i] for i in ids]) for ids in group]
         targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
         lr = learning_rate_at(prog.step, p.learning_rate, prog.schedule_steps)
         lr *= prog.adaptive.lr_scale if prog.adaptive else 1.0
@@ -406,7 +409,7 @@ class LoraRecipe:
         norm = torch.nn.utils.clip_grad_norm_([t for t in self.model.parameters() if t.requires_grad], 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        real_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        real_tokens = sum(len(self.train_set[i]) for ids in group for i in ids)
         prog.step += 1
         prog.tokens_seen += real_tokens
         prog.train_seconds = time.monotonic() - self.started
@@ -417,6 +420,9 @@ class LoraRecipe:
         self.writer.add_scalar("train/grad_norm", float(norm), prog.step)
         self.writer.add_scalar("train/tokens_per_s", real_tokens / max(1e-9, time.monotonic() - started), prog.step)
         return loss
+
+    def _collate(self, examples: list[TokenizedExample]) -> dict[str, torch.Tensor]:
+        return packed_batch(examples) if self.packed else padded_batch(examples, self.tokenizer.pad_token_id, 8)
 
     def _accumulate(self, batches: list[dict[str, torch.Tensor]], targets: int) -> float:
         total = 0.0
