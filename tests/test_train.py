@@ -251,6 +251,17 @@ def test_a_failed_write_leaves_the_published_folder_untouched(tmp_path: Path) ->
         raise RuntimeError("disk full")
     assert (final / "adapter_model.safetensors").read_text() == "v1"
     assert [p.name for p in tmp_path.iterdir()] == ["lora"]  # no staging folder left behind
+    # readable by a server running as another user, like any folder the user makes
+    assert final.stat().st_mode & 0o777 == 0o777 & ~current_umask()
+    assert (final / "adapter_model.safetensors").stat().st_mode & 0o777 == 0o666 & ~current_umask()
+
+
+def current_umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_packed_and_padded_batches_give_the_trainer_the_same_loss(tmp_path: Path, tiny_llama: Path) -> None:

@@ -23,7 +23,7 @@ def staged_dir(final: Path, keep_previous: Path | None = None) -> Iterator[Path]
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         yield staging
-        _fsync_tree(staging)
+        _finalise_tree(staging)
         old = keep_previous or final.with_name(f".{final.name}.old-{os.getpid()}")
         if final.exists():
             shutil.rmtree(old, ignore_errors=True)
@@ -43,8 +43,16 @@ def write_json(path: Path, value: Any) -> None:
     tmp.replace(path)
 
 
-def _fsync_tree(folder: Path) -> None:
+def _finalise_tree(folder: Path) -> None:
+    """Flush every file to disk, and give the tree ordinary permissions: mkdtemp makes it private (0700),
+    which would hide a published adapter from a server running as another user."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
     for path in folder.rglob("*"):
         if path.is_file():
+            path.chmod(0o666 & ~umask)
             with path.open("rb") as f:
                 os.fsync(f.fileno())
+        elif path.is_dir():
+            path.chmod(0o777 & ~umask)
