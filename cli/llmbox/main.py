@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,14 @@ from llmbox import __version__
 from llmbox.entry import run_cli
 from llmbox.errors import UserError
 from llmbox.model_home import llmbox_home, resolve_model
-from llmbox.options import DATA_REPORT_OPTIONS, TRAIN_OPTIONS, config_file_option, to_argv, with_options
+from llmbox.options import (
+    DATA_REPORT_OPTIONS,
+    SERVE_OPTIONS,
+    TRAIN_OPTIONS,
+    config_file_option,
+    to_argv,
+    with_options,
+)
 from llmbox.runtime.local import run_engine
 
 
@@ -34,11 +42,41 @@ RUNTIMES = ("auto", "docker", "local")
 
 def choose_runtime(asked: str) -> str:
     """auto: Docker when a daemon answers, else local; always say which."""
+    from llmbox.runtime.docker import daemon_answers
+
+    if asked == "local":
+        return "local"
+    if daemon_answers():
+        if asked == "auto":
+            click.echo("runtime: docker (the Docker daemon answers)", err=True)
+        return "docker"
     if asked == "docker":
-        raise UserError("the docker runtime is not built yet: use --runtime local (the engine runs in-process)")
-    if asked == "auto":
-        click.echo("runtime: local (the engine runs in this machine's Python)", err=True)
+        raise UserError("--runtime docker: no Docker daemon answers here (`llmbox doctor` says why)")
+    click.echo("runtime: local (no Docker daemon answers: the engine runs in this machine's Python)", err=True)
     return "local"
+
+
+def container_options(func: Any) -> Any:
+    """Options that only mean something for --runtime docker."""
+    func = click.option("--image", help="The engine image (default: llmbox/engine:cuda with GPUs, :cpu without).")(func)
+    return click.option(
+        "--gpus", help="GPUs for the container: all (default when there are GPUs) or indices like 0,1."
+    )(func)
+
+
+def engine_image(image: str | None, gpus: str | None) -> tuple[str, str | None]:
+    """The image to run and the GPUs to give it; the image is built on first use."""
+    from llmbox.facts import read_gpu_facts
+    from llmbox.runtime import docker
+
+    has_gpus = bool(read_gpu_facts())
+    gpus = gpus or ("all" if has_gpus else None)
+    chosen = image or (docker.CUDA_IMAGE if gpus else docker.CPU_IMAGE)
+    if not docker.image_exists(chosen):
+        click.echo(f"{chosen} is not built yet: building it now (once)", err=True)
+        if docker.build_image(chosen, cpu=gpus is None, base_image=None, version=__version__):
+            raise UserError(f"building {chosen} failed (see above); `llmbox build` retries it")
+    return chosen, gpus
 
 
 @cli.command()
@@ -53,15 +91,87 @@ def choose_runtime(asked: str) -> str:
 @click.option(
     "--trust-remote-code", is_flag=True, help="Run the model repository's own Python code (only if you trust it)."
 )
+@container_options
 @config_file_option(TRAIN_OPTIONS)
 @with_options(TRAIN_OPTIONS)
-def train(model: str, runtime: str, trust_remote_code: bool, **values: Any) -> None:
+def train(
+    model: str, runtime: str, trust_remote_code: bool, image: str | None, gpus: str | None, **values: Any
+) -> None:
     """Fine-tune MODEL (an installed name or a model folder) with LoRA/QLoRA on --data."""
     home = resolve_model(model)
+    output = Path(values["output"]).expanduser().resolve() if values["output"] else home.root
+    flags = ["--trust-remote-code"] if trust_remote_code else []
+    if choose_runtime(runtime) == "local":
+        argv = ["--model-path", str(home.weights), *flags, *to_argv(TRAIN_OPTIONS, values | {"output": str(output)})]
+        sys.exit(run_engine("train", argv))
+    from llmbox.runtime import docker
+
+    chosen, gpus = engine_image(image, gpus)
+    data, mounts = docker.rewrite_data_spec(values["data"])
+    output.mkdir(parents=True, exist_ok=True)
+    mounts += [docker.Mount(home.weights, "/model"), docker.Mount(output, "/work", read_only=False)]
+    values = values | {"data": data, "output": "/work"}
+    if values["resume_from"]:
+        mounts.append(docker.Mount(Path(values["resume_from"]).expanduser().resolve(), "/resume"))
+        values["resume_from"] = "/resume"
+    command = [
+        "python",
+        "-m",
+        "llmbox_engine",
+        "train",
+        "--model-path",
+        "/model",
+        *flags,
+        *to_argv(TRAIN_OPTIONS, values),
+    ]
+    sys.exit(docker.run_container(docker.ContainerSpec(chosen, command, mounts, gpus=gpus)))
+
+
+@cli.command()
+@click.option("--cpu", is_flag=True, help="The CPU variant (no CUDA, no bitsandbytes): for machines without a GPU.")
+@click.option("--base-image", help="Build on this image instead of the default CUDA (or Debian, with --cpu) base.")
+@click.option("--tag", help="Image tag (default: llmbox/engine:cuda, or llmbox/engine:cpu with --cpu).")
+def build(cpu: bool, base_image: str | None, tag: str | None) -> None:
+    """Build the engine image that `train` and `serve` run in (they build it on first use too)."""
+    from llmbox.runtime import docker
+
+    if cpu and base_image is None:
+        base_image = "debian:bookworm-slim"
+    tag = tag or (docker.CPU_IMAGE if cpu else docker.CUDA_IMAGE)
+    code = docker.build_image(tag, cpu=cpu, base_image=base_image, version=__version__)
+    if code:
+        raise UserError(f"building {tag} failed (see the build log above)")
+    click.echo(f"built {tag}")
+
+
+@cli.command()
+@click.argument("model")
+@click.option(
+    "--runtime",
+    type=click.Choice(RUNTIMES),
+    default="auto",
+    show_default=True,
+    help="Where the engine runs: a Docker container, or this machine's Python.",
+)
+@click.option("--adapter", type=click.Path(path_type=Path), help="Serve this adapter folder (default: MODEL's lora/).")
+@click.option(
+    "--trust-remote-code", is_flag=True, help="Run the model repository's own Python code (only if you trust it)."
+)
+@with_options(SERVE_OPTIONS)
+def serve(model: str, runtime: str, adapter: Path | None, trust_remote_code: bool, **values: Any) -> None:
+    """Serve MODEL behind an OpenAI-compatible API, with its trained adapter (reloaded when training publishes one)."""
+    home = resolve_model(model)
+    if adapter is not None and values["no_lora"]:
+        raise UserError("--adapter and --no-lora contradict each other: give one")
     choose_runtime(runtime)
-    values["output"] = values["output"] or str(home.root)
+    api_key = values.pop("api_key") or os.environ.get("LLMBOX_API_KEY")
+    if api_key:
+        # handed over in the environment, not argv, where every user of the machine could read it
+        os.environ["LLMBOX_API_KEY"] = api_key
     argv = ["--model-path", str(home.weights), *(["--trust-remote-code"] if trust_remote_code else [])]
-    sys.exit(run_engine("train", argv + to_argv(TRAIN_OPTIONS, values)))
+    if not values["no_lora"]:
+        argv += ["--adapter-dir", str(adapter.expanduser().resolve() if adapter else home.lora)]
+    sys.exit(run_engine("serve", argv + to_argv(SERVE_OPTIONS, values)))
 
 
 @cli.command()

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Make a Docker engine answer on this (Debian) machine: install docker.io, and start dockerd without a bridge
+# network or iptables rules, if none is running. Containers use the host's network. Idempotent; needs root.
+set -euo pipefail
+export DEBIAN_FRONTEND=noninteractive
+if ! command -v dockerd >/dev/null || ! command -v mmdebstrap >/dev/null; then
+  # never let the package start a daemon with the default docker0 bridge
+  policy_created=0
+  if [ ! -e /usr/sbin/policy-rc.d ]; then printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; policy_created=1; fi
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends docker.io mmdebstrap >/dev/null
+  if [ "$policy_created" = 1 ]; then rm -f /usr/sbin/policy-rc.d; fi
+fi
+if ! docker info >/dev/null 2>&1; then
+  setsid dockerd --bridge=none --iptables=false >/tmp/llmbox-dockerd.log 2>&1 </dev/null &
+  for _ in $(seq 1 120); do docker info >/dev/null 2>&1 && break; sleep 0.5; done
+  docker info >/dev/null 2>&1 || { tail -20 /tmp/llmbox-dockerd.log; echo "dockerd did not come up" >&2; exit 1; }
+fi
+echo "docker engine $(docker version -f '{{.Server.Version}}') answers"

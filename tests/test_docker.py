@@ -1,0 +1,96 @@
+"""The Docker runtime, for real: the CPU engine image is built here and `llmbox train --runtime docker` runs in it.
+
+Without a Docker daemon these tests skip, except under CI (`CI` set), where `.ci/run` starts one: there a
+missing daemon is a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llmbox.runtime import docker
+from llmbox.runtime.docker import ContainerSpec, Mount, gpu_args, rewrite_data_spec
+
+from conftest import REPO, run_llmbox, write_json
+from train_helpers import qa_records
+
+
+@pytest.fixture(scope="session")
+def cpu_image() -> str:
+    if not docker.daemon_answers():
+        if os.environ.get("CI"):
+            pytest.fail("no Docker daemon answers, and CI must run the Docker tests (.ci/run starts dockerd)")
+        pytest.skip("no Docker daemon here")
+    subprocess.run(["bash", str(REPO / "images" / "cpu-base.sh")], check=True)
+    wheels = REPO / "images" / "wheels"
+    if not list(wheels.glob("torch-*.whl")):
+        # a local CPU wheel (this machine's find-links) saves a download; without one the CPU index is used
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-index", "--no-deps", "torch==2.13.0",
+                        "-d", str(wheels)], check=False)  # fmt: skip
+    proc = run_llmbox("build", "--cpu", "--base-image", "llmbox/base:bookworm")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return docker.CPU_IMAGE
+
+
+def test_train_in_the_container_writes_an_adapter_the_caller_owns(
+    cpu_image: str, tmp_path: Path, tiny_llama: Path
+) -> None:
+    env = {"LLMBOX_HOME": str(tmp_path / "home")}
+    assert run_llmbox("install", str(tiny_llama), "--name", "tiny", env=env).returncode == 0
+    data = write_json(tmp_path / "data" / "qa.json", qa_records(24))
+    proc = run_llmbox("train", "tiny", "--runtime", "docker", "--data", str(tmp_path / "data"), "--max-steps", "3",
+                      "--no-tensorboard", "--skip-test", env=env)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    home = tmp_path / "home" / "models" / "tiny"
+    adapter = home / "lora" / "adapter_model.safetensors"
+    assert adapter.is_file() and adapter.stat().st_uid == os.getuid() and adapter.stat().st_gid == os.getgid()
+    info = json.loads((home / "lora" / "adapter_info.json").read_text())
+    assert info["steps"] == 3 and info["data"]["sources"][0]["path"] == "/data/0/qa.json"
+    assert not (home / "model" / "lora").exists()  # the weights are mounted read-only, nothing lands there
+    assert data.stat().st_uid == os.getuid()
+
+
+def test_the_model_and_data_are_read_only_inside(cpu_image: str, tmp_path: Path, tiny_llama: Path) -> None:
+    spec = ContainerSpec(
+        cpu_image,
+        ["sh", "-c", "touch /model/x 2>/dev/null && echo model-writable;"
+         " touch /data/0/x 2>/dev/null && echo data-writable; touch /work/x && echo work-writable"],
+        [Mount(tiny_llama, "/model"), Mount(tmp_path, "/data/0"), Mount(tmp_path, "/work", read_only=False)],
+    )  # fmt: skip
+    proc = subprocess.run(spec.run_args(os.getuid(), os.getgid()), capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split() == ["work-writable"], proc.stdout + proc.stderr
+
+
+def test_data_paths_are_rewritten_to_read_only_mounts(tmp_path: Path) -> None:
+    folder = tmp_path / "set"
+    folder.mkdir()
+    (folder / "a.json").write_text("[]")
+    spec, mounts = rewrite_data_spec(f"{folder / 'a.json'},{folder},{folder}/*.json,tatsu-lab/alpaca:train")
+    assert spec == "/data/0/a.json,/data/1,/data/2/*.json,tatsu-lab/alpaca:train"
+    assert [(m.source, m.target, m.read_only) for m in mounts] == [
+        (folder, "/data/0", True), (folder, "/data/1", True), (folder, "/data/2", True),
+    ]  # fmt: skip
+
+
+def test_container_arguments(tmp_path: Path) -> None:
+    args = ContainerSpec("img", ["python", "-V"], [Mount(tmp_path, "/work", read_only=False)], gpus="0,1").run_args(
+        7, 8
+    )
+    assert args[:3] == ["docker", "run", "--rm"] and "--init" in args
+    assert args[args.index("--user") + 1] == "7:8" and args[args.index("--network") + 1] == "host"
+    assert args[args.index("--gpus") + 1] == '"device=0,1"'
+    assert f"type=bind,source={tmp_path},target=/work" in args
+    assert args[-3:] == ["img", "python", "-V"]
+    assert gpu_args(None) == [] and gpu_args("all") == ["--gpus", "all"]
+
+
+def test_runtime_docker_without_a_daemon_is_a_clear_error(tmp_path: Path, tiny_llama: Path) -> None:
+    proc = run_llmbox("train", str(tiny_llama), "--runtime", "docker", "--data", "x.json",
+                      env={"DOCKER_HOST": f"unix://{tmp_path}/no.sock"})  # fmt: skip
+    assert proc.returncode != 0 and "error: --runtime docker: no Docker daemon answers" in proc.stderr
