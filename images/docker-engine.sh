@@ -17,3 +17,21 @@ if ! docker info >/dev/null 2>&1; then
   docker info >/dev/null 2>&1 || { tail -20 /tmp/llmbox-dockerd.log; echo "dockerd did not come up" >&2; exit 1; }
 fi
 echo "docker engine $(docker version -f '{{.Server.Version}}') answers"
+# compose v2: Debian 12's docker.io has none; trixie's docker-compose .deb carries the plugin (extracted only,
+# the system's package sources untouched)
+PLUGINS=/usr/local/lib/docker/cli-plugins
+if ! docker compose version >/dev/null 2>&1; then
+  work=$(mktemp -d)
+  mirror=$(awk '/^URIs:/{print $2}' /etc/apt/sources.list.d/debian.sources 2>/dev/null | grep -v security | head -1 || true)
+  mkdir -p "$work/lists/partial" "$work/archives/partial" "$work/x"
+  echo "deb ${mirror:-http://deb.debian.org/debian} trixie main" >"$work/sources.list"
+  opts=(-o Dir::Etc::sourcelist="$work/sources.list" -o Dir::Etc::sourceparts=- -o Dir::State::lists="$work/lists"
+        -o Dir::Cache::archives="$work/archives" -o Dir::Cache::pkgcache= -o Dir::Cache::srcpkgcache=
+        -o APT::Sandbox::User=root)
+  apt-get "${opts[@]}" update -qq
+  (cd "$work/archives" && apt-get "${opts[@]}" download docker-compose >/dev/null)
+  dpkg -x "$work"/archives/docker-compose_*.deb "$work/x"
+  install -D -m 0755 "$work/x/usr/libexec/docker/cli-plugins/docker-compose" "$PLUGINS/docker-compose"
+  rm -rf "$work"
+fi
+echo "$(docker compose version)"

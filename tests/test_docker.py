@@ -94,3 +94,46 @@ def test_runtime_docker_without_a_daemon_is_a_clear_error(tmp_path: Path, tiny_l
     proc = run_llmbox("train", str(tiny_llama), "--runtime", "docker", "--data", "x.json",
                       env={"DOCKER_HOST": f"unix://{tmp_path}/no.sock"})  # fmt: skip
     assert proc.returncode != 0 and "error: --runtime docker: no Docker daemon answers" in proc.stderr
+
+
+def test_doctor_reports_the_daemon_and_explains_a_missing_one(cpu_image: str, tmp_path: Path) -> None:
+    ok = run_llmbox("doctor", env={"LLMBOX_HOME": str(tmp_path)})
+    assert ok.returncode == 0 and "Docker" in ok.stdout and "answers" in ok.stdout
+    broken = run_llmbox("doctor", env={"LLMBOX_HOME": str(tmp_path), "DOCKER_HOST": f"unix://{tmp_path}/no.sock"})
+    assert broken.returncode == 1 and "FAIL" in broken.stdout and "systemctl start docker" in broken.stdout
+
+
+def test_a_gpu_request_without_the_nvidia_runtime_is_explained(cpu_image: str, tiny_llama: Path) -> None:
+    proc = run_llmbox("train", str(tiny_llama), "--runtime", "docker", "--gpus", "all", "--data", "x.json")
+    assert proc.returncode != 0 and "could not select device driver" not in proc.stderr
+    assert "error: GPUs were asked for, but Docker has no NVIDIA runtime" in proc.stderr
+
+
+def test_compose_tensorboard_answers_on_its_port(cpu_image: str, tmp_path: Path, tiny_llama: Path) -> None:
+    import socket
+    import time
+    import urllib.request
+
+    from train_helpers import train
+
+    home = tmp_path / "home"
+    train(tiny_llama, home, write_json(tmp_path / "qa.json", qa_records(24)), max_steps=2)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "LLMBOX_MODEL_DIR": str(home), "LLMBOX_TENSORBOARD_PORT": str(port),
+           "LLMBOX_UID": str(os.getuid()), "LLMBOX_GID": str(os.getgid())}  # fmt: skip
+    compose = ["docker", "compose", "-p", f"llmbox-test-{port}", "-f", str(REPO / "compose" / "docker-compose.yml")]
+    up = subprocess.run([*compose, "up", "-d", "tensorboard"], env=env, capture_output=True, text=True, timeout=300)
+    assert up.returncode == 0, up.stderr
+    try:
+        deadline, tags = time.monotonic() + 90, {}
+        while time.monotonic() < deadline and not tags:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/data/plugin/scalars/tags", timeout=5) as r:
+                    tags = json.loads(r.read())
+            except OSError:
+                time.sleep(1)
+        assert any("train/loss" in run for run in tags.values()), tags
+    finally:
+        subprocess.run([*compose, "down", "--timeout", "5"], env=env, capture_output=True, timeout=120)

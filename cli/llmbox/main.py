@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from llmbox import __version__
+from llmbox.console import make_console
 from llmbox.entry import run_cli
 from llmbox.errors import UserError
 from llmbox.model_home import llmbox_home, resolve_model
@@ -72,6 +73,12 @@ def engine_image(image: str | None, gpus: str | None) -> tuple[str, str | None]:
     has_gpus = bool(read_gpu_facts())
     gpus = gpus or ("all" if has_gpus else None)
     chosen = image or (docker.CUDA_IMAGE if gpus else docker.CPU_IMAGE)
+    if gpus:
+        from llmbox.doctor import NVIDIA_RUNTIME_FIX, docker_info, nvidia_runtime
+
+        if not nvidia_runtime(docker_info()):
+            # Docker's own words for this are "could not select device driver": say what to do instead
+            raise UserError(f"GPUs were asked for, but Docker has no NVIDIA runtime: {NVIDIA_RUNTIME_FIX}")
     if not docker.image_exists(chosen):
         click.echo(f"{chosen} is not built yet: building it now (once)", err=True)
         if docker.build_image(chosen, cpu=gpus is None, base_image=None, version=__version__):
@@ -205,7 +212,6 @@ def install(source: str, name: str | None, force: bool) -> None:
 @cli.command("list")
 def list_models() -> None:
     """The installed models: family, size, handler, and whether a trained adapter is there."""
-    from rich.console import Console
     from rich.table import Table
 
     from llmbox.catalog import installed_models
@@ -219,7 +225,26 @@ def list_models() -> None:
         table.add_row(m.name, m.family, params if m.params else "?", m.handler, "yes" if m.adapter else "no", loss)
         if m.problem:
             table.add_row("", f"[red]{m.problem}[/]", "", "", "", "")
-    Console().print(table)
+    make_console().print(table)
+
+
+@cli.command()
+def doctor() -> None:
+    """Check Docker, the NVIDIA container runtime, GPUs, disk space and the engine image; explain each fix."""
+    from rich.table import Table
+
+    from llmbox.doctor import run_checks
+
+    marks = {"ok": "[green]ok[/]", "warn": "[yellow]warn[/]", "fail": "[red]FAIL[/]"}
+    table = Table(title="llmbox doctor", title_justify="left")
+    for column in ("check", "", "finding", "fix"):
+        table.add_column(column)
+    checks = run_checks()
+    for check in checks:
+        table.add_row(check.name, marks[check.status], check.detail, check.fix)
+    make_console().print(table)
+    if any(c.status == "fail" for c in checks):
+        sys.exit(1)
 
 
 def main() -> None:

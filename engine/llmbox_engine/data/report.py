@@ -47,10 +47,11 @@ def build_report(result: IngestResult, tokens: dict[str, Any] | None = None) -> 
 
 
 def print_report(report: dict[str, Any]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    from llmbox.console import make_console
+
+    console = make_console()
     files = Table(title="Data files", title_justify="left")
     for column in ("file", "format", "records", "skipped"):
         files.add_column(column, justify="right" if column in ("records", "skipped") else "left")

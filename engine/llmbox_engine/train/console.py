@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Sequence
 from typing import Any
 
-from rich.console import Console
 from rich.table import Table
 
+from llmbox.console import make_console
 from llmbox.plan import TrainingPlan, gib
 
-# Logs (docker logs, CI, pipes) have no terminal width: keep one status line on one line there.
-console = Console(highlight=False, width=None if sys.stdout.isatty() else 140)
+console = make_console()
 
 
 def format_duration(seconds: float) -> str:
