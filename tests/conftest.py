@@ -86,3 +86,29 @@ def smollm2_dir() -> Path:
     if not (folder / "config.json").is_file():
         import_gguf(gguf, folder)
     return folder
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def tensorboard_tags(port: int, timeout: float = 90) -> dict[str, Any]:
+    """The scalar tags a TensorBoard on `port` serves, once it answers ({} if it never does)."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/data/plugin/scalars/tags", timeout=5) as response:
+                tags: dict[str, Any] = json.loads(response.read())
+            if tags:
+                return tags
+        except OSError:
+            pass
+        time.sleep(1)
+    return {}

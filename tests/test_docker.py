@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 from llmbox.runtime import docker
 from llmbox.runtime.docker import ContainerSpec, Mount, gpu_args, rewrite_data_spec
 
-from conftest import REPO, run_llmbox, write_json
+from conftest import REPO, free_port, run_llmbox, tensorboard_tags, write_json
 from train_helpers import qa_records
 
 
@@ -110,30 +111,38 @@ def test_a_gpu_request_without_the_nvidia_runtime_is_explained(cpu_image: str, t
 
 
 def test_compose_tensorboard_answers_on_its_port(cpu_image: str, tmp_path: Path, tiny_llama: Path) -> None:
-    import socket
-    import time
-    import urllib.request
-
     from train_helpers import train
 
     home = tmp_path / "home"
     train(tiny_llama, home, write_json(tmp_path / "qa.json", qa_records(24)), max_steps=2)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "LLMBOX_MODEL_DIR": str(home), "LLMBOX_TENSORBOARD_PORT": str(port),
            "LLMBOX_UID": str(os.getuid()), "LLMBOX_GID": str(os.getgid())}  # fmt: skip
     compose = ["docker", "compose", "-p", f"llmbox-test-{port}", "-f", str(REPO / "compose" / "docker-compose.yml")]
     up = subprocess.run([*compose, "up", "-d", "tensorboard"], env=env, capture_output=True, text=True, timeout=300)
     assert up.returncode == 0, up.stderr
     try:
-        deadline, tags = time.monotonic() + 90, {}
-        while time.monotonic() < deadline and not tags:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/data/plugin/scalars/tags", timeout=5) as r:
-                    tags = json.loads(r.read())
-            except OSError:
-                time.sleep(1)
+        tags = tensorboard_tags(port)
         assert any("train/loss" in run for run in tags.values()), tags
     finally:
         subprocess.run([*compose, "down", "--timeout", "5"], env=env, capture_output=True, timeout=120)
+
+
+def test_the_tensorboard_sidecar_container(cpu_image: str, tmp_path: Path, tiny_llama: Path) -> None:
+    import signal
+
+    from train_helpers import train
+
+    home = tmp_path / "home"
+    shutil.copytree(tiny_llama, home / "model")
+    train(home / "model", home, write_json(tmp_path / "qa.json", qa_records(24)), max_steps=2)
+    port = free_port()
+    llmbox = str(Path(sys.executable).with_name("llmbox"))
+    command = [llmbox, "tensorboard", str(home), "--runtime", "docker", "--port", str(port)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        tags = tensorboard_tags(port)
+        assert any("eval/val_loss" in run for run in tags.values()), tags
+    finally:
+        os.killpg(process.pid, signal.SIGINT)
+        assert process.wait(timeout=60) is not None

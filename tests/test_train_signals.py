@@ -8,12 +8,11 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from conftest import write_json
+from conftest import free_port, tensorboard_tags, write_json
 from train_helpers import qa_records
 
 
@@ -122,32 +121,17 @@ def test_a_second_ctrl_c_aborts_without_a_half_written_adapter(tiny_llama: Path,
 
 
 def test_tensorboard_only_serves_past_runs(tiny_llama: Path, tmp_path: Path, data: Path) -> None:
-    import socket
-
     from train_helpers import train
 
     out = tmp_path / "out"
     train(tiny_llama, out, data, max_steps=3)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     llmbox = str(Path(sys.executable).with_name("llmbox"))
     command = [llmbox, "train", str(tiny_llama), "--runtime", "local", "--data", "unused", "--output", str(out),
                "--tensorboard-only", str(port)]  # fmt: skip
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        deadline, tags = time.monotonic() + 90, {}
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/data/plugin/scalars/tags", timeout=5) as r:
-                    tags = json.loads(r.read())
-                if tags:
-                    break
-            except OSError:
-                time.sleep(1)
-        run_tags = next(iter(tags.values()))
+        run_tags = next(iter(tensorboard_tags(port).values()), {})
         assert {"train/loss", "train/learning_rate", "train/grad_norm", "eval/val_loss"} <= set(run_tags)
     finally:
         os.killpg(process.pid, signal.SIGINT)

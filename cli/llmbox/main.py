@@ -22,6 +22,7 @@ from llmbox.options import (
     to_argv,
     with_options,
 )
+from llmbox.runtime.attached import run_attached
 from llmbox.runtime.local import run_engine
 
 
@@ -226,6 +227,29 @@ def list_models() -> None:
         if m.problem:
             table.add_row("", f"[red]{m.problem}[/]", "", "", "", "")
     make_console().print(table)
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--port", type=click.IntRange(1, 65535), default=6006, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (0.0.0.0 shares it on the network).")
+@click.option("--runtime", type=click.Choice(RUNTIMES), default="auto", show_default=True)
+@click.option("--image", help="The engine image (default: llmbox/engine:cpu; TensorBoard needs no GPU).")
+def tensorboard(model: str, port: int, host: str, runtime: str, image: str | None) -> None:
+    """Serve MODEL's training logs (all runs) with TensorBoard: the sidecar, in a container or locally."""
+    home = resolve_model(model)
+    logs = home.root / "logs"
+    if not logs.is_dir():
+        raise UserError(f"{logs}: no training logs yet (train first)")
+    address = ["--host", host, "--port", str(port)]
+    click.echo(f"tensorboard: http://{host}:{port}/  (Ctrl+C stops it)", err=True)
+    if choose_runtime(runtime) == "local":
+        sys.exit(run_attached([sys.executable, "-m", "tensorboard.main", "--logdir", str(logs), *address]))
+    from llmbox.runtime import docker
+
+    chosen, _ = engine_image(image, None)
+    command = ["tensorboard", "--logdir", "/work/logs", *address]
+    sys.exit(docker.run_container(docker.ContainerSpec(chosen, command, [docker.Mount(home.root, "/work")])))
 
 
 @cli.command()
