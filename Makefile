@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: venv lint test test-fast test-gpu demo clean
+.PHONY: venv lint test test-fast test-gpu demo clean bench bench-train bench-ingest
 
 $(VENV)/.installed: pyproject.toml tests/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,26 @@ test-gpu:
 
 demo: venv
 	bash examples/demo.sh
+
+# Benchmarks (not part of `make test`): llmbox beside TRL / transformers / datasets; see benchmarks/README.md.
+# e.g. make bench-train BENCH_TRAIN_ARGS="--train-examples 400 --heldout-examples 40" (the full run: hours on CPU)
+BENCH_TRAIN_ARGS ?=
+BENCH_INGEST_ARGS ?=
+$(VENV)/.bench-installed: $(VENV)/.installed pyproject.toml tests/constraints.txt
+	$(PY) -m pip install -q -c tests/constraints.txt -e '.[engine,bench]'
+	touch $@
+
+bench: bench-train bench-ingest
+
+bench-train: $(VENV)/.bench-installed
+	$(PY) benchmarks/train_throughput.py $(BENCH_TRAIN_ARGS)
+
+bench-ingest: $(VENV)/.bench-installed
+	$(PY) benchmarks/ingest_throughput.py $(BENCH_INGEST_ARGS)
+
+.PHONY: bench-serve
+bench-serve: venv
+	$(PY) benchmarks/serve_throughput.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache demo-run

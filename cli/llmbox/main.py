@@ -165,21 +165,45 @@ def build(cpu: bool, base_image: str | None, tag: str | None) -> None:
 @click.option(
     "--trust-remote-code", is_flag=True, help="Run the model repository's own Python code (only if you trust it)."
 )
+@container_options
 @with_options(SERVE_OPTIONS)
-def serve(model: str, runtime: str, adapter: Path | None, trust_remote_code: bool, **values: Any) -> None:
+def serve(
+    model: str,
+    runtime: str,
+    adapter: Path | None,
+    trust_remote_code: bool,
+    image: str | None,
+    gpus: str | None,
+    **values: Any,
+) -> None:
     """Serve MODEL behind an OpenAI-compatible API, with its trained adapter (reloaded when training publishes one)."""
     home = resolve_model(model)
     if adapter is not None and values["no_lora"]:
         raise UserError("--adapter and --no-lora contradict each other: give one")
-    choose_runtime(runtime)
+    lora = None if values["no_lora"] else (adapter.expanduser().resolve() if adapter else home.lora)
+    # the key travels in the environment, not argv, where every user of the machine could read it
     api_key = values.pop("api_key") or os.environ.get("LLMBOX_API_KEY")
-    if api_key:
-        # handed over in the environment, not argv, where every user of the machine could read it
-        os.environ["LLMBOX_API_KEY"] = api_key
-    argv = ["--model-path", str(home.weights), *(["--trust-remote-code"] if trust_remote_code else [])]
-    if not values["no_lora"]:
-        argv += ["--adapter-dir", str(adapter.expanduser().resolve() if adapter else home.lora)]
-    sys.exit(run_engine("serve", argv + to_argv(SERVE_OPTIONS, values)))
+    flags = ["--trust-remote-code"] if trust_remote_code else []
+    options = to_argv(SERVE_OPTIONS, values)
+    if choose_runtime(runtime) == "local":
+        if api_key:
+            os.environ["LLMBOX_API_KEY"] = api_key
+        adapter_dir = ["--adapter-dir", str(lora)] if lora else []
+        sys.exit(run_engine("serve", ["--model-path", str(home.weights), *flags, *adapter_dir, *options]))
+    from llmbox.runtime import docker
+
+    chosen, gpus = engine_image(image, gpus)
+    mounts = [docker.Mount(home.weights, "/model")]
+    adapter_dir = []
+    if lora is not None:
+        if not lora.parent.is_dir():
+            raise UserError(f"{lora}: its folder {lora.parent} does not exist")
+        # the adapter's parent, not the adapter: training replaces lora/ by a rename, which a mount of it would miss
+        mounts.append(docker.Mount(lora.parent, "/adapters"))
+        adapter_dir = ["--adapter-dir", f"/adapters/{lora.name}"]
+    command = ["python", "-m", "llmbox_engine", "serve", "--model-path", "/model", *flags, *adapter_dir, *options]
+    env = (("LLMBOX_API_KEY", api_key),) if api_key else ()
+    sys.exit(docker.run_container(docker.ContainerSpec(chosen, command, mounts, gpus=gpus, env=env)))
 
 
 @cli.command()

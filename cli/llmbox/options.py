@@ -168,3 +168,19 @@ TRAIN_OPTIONS: tuple[Opt, ...] = (
     Opt("--dry-run", "Print the training plan and exit.", is_flag=True),
     Opt("--json", "With --dry-run: print the plan as JSON.", is_flag=True),
 )  # fmt: skip
+
+
+SERVE_OPTIONS: tuple[Opt, ...] = (
+    Opt("--host", "Interface to listen on; 0.0.0.0 listens on every interface (set an API key then).",
+        default="127.0.0.1"),
+    Opt("--port", "Port to listen on.", type=click.IntRange(1, 65535), default=8000),
+    Opt("--no-lora", "Serve the base model alone, even where a trained adapter is.", is_flag=True),
+    Opt("--api-key", "Require `Authorization: Bearer KEY` on every endpoint but /health (default: $LLMBOX_API_KEY)."),
+    Opt("--max-concurrency", "Requests queued or running at once; more are answered 429.",
+        type=click.IntRange(min=1), default=64),
+    Opt("--max-batch-size", "Sequences generated together in one batch.", type=click.IntRange(min=1), default=16),
+    Opt("--dtype", "Weight precision: auto is bfloat16 (float16 without bf16) on a GPU, float32 on CPU.",
+        type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto"),
+    Opt("--threads", "CPU threads per operation (default: PyTorch's, one per core); 1 suits tiny models and busy "
+        "machines.", type=click.IntRange(min=1)),
+)  # fmt: skip

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import click
 
 from llmbox.errors import UserError
-from llmbox.options import DATA_REPORT_OPTIONS, TRAIN_OPTIONS, config_file_option, with_options
+from llmbox.options import DATA_REPORT_OPTIONS, SERVE_OPTIONS, TRAIN_OPTIONS, config_file_option, with_options
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -67,3 +68,38 @@ def train(model_path: Path, trust_remote_code: bool, **values: Any) -> None:
     from llmbox_engine.train.command import run_train
 
     run_train(model_path, trust_remote_code, values)
+
+
+@engine.command()
+@click.option("--model-path", type=click.Path(path_type=Path), required=True, help="The base model (an HF folder).")
+@click.option(
+    "--adapter-dir",
+    type=click.Path(path_type=Path),
+    help="The adapter folder to serve and watch for new ones (default: lora/ of the model's directory).",
+)
+@click.option(
+    "--trust-remote-code", is_flag=True, help="Run the model repository's own Python code (only if you trust it)."
+)
+@with_options(SERVE_OPTIONS)
+def serve(model_path: Path, adapter_dir: Path | None, trust_remote_code: bool, **values: Any) -> None:
+    """Serve MODEL_PATH, and its trained adapter, behind an OpenAI-compatible API (what `llmbox serve` runs)."""
+    from llmbox_engine.serve.server import ServeConfig, run_server
+
+    if values["no_lora"] and adapter_dir is not None:
+        raise UserError("--no-lora and --adapter-dir contradict each other: give one")
+    # training writes lora/ into the model's directory: beside model/, or into a bare HF folder itself
+    home = model_path.parent if model_path.name == "model" else model_path
+    run_server(
+        ServeConfig(
+            model_path=model_path,
+            adapter_dir=None if values["no_lora"] else (adapter_dir or home / "lora"),
+            host=values["host"],
+            port=values["port"],
+            api_key=values["api_key"] or os.environ.get("LLMBOX_API_KEY") or None,
+            max_concurrency=values["max_concurrency"],
+            max_batch_size=values["max_batch_size"],
+            dtype=values["dtype"],
+            threads=values["threads"],
+            trust_remote_code=trust_remote_code,
+        )
+    )

@@ -1,0 +1,245 @@
+"""Serving throughput: `llmbox serve` against plain transformers `generate`, at 1 and 8 concurrent clients.
+
+    python benchmarks/serve_throughput.py [MODEL_DIR] [--max-tokens 64] [--clients 8] [--requests 1]
+
+MODEL_DIR defaults to the test suite's SmolLM2-135M-Instruct. The server runs as a subprocess (`python -m
+llmbox_engine serve --no-lora`), driven by the openai client with streaming on, so time to first token is what a
+client sees: one client sends SOLO_REQUESTS requests one after another, then each of --clients clients sends
+--requests at once. The baseline is what a server without batching would do with the same requests: `generate` one
+request after another (at 8 clients, a request waits for those before it), and, for reference, one static
+batch of 8 through `generate`. Everything is greedy and capped at --max-tokens; tokens are counted as generated
+(an answer that ends its turn early counts its real length). Results go to benchmarks/results/serve.json,
+with the load average around the run: other work on the machine skews every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from common import RESULTS, machine_info, smollm2_dir, versions, write_json
+
+SOLO_REQUESTS = 4
+PROMPTS = [
+    "Write a short story about a dragon who learns to bake bread.",
+    "Explain how photosynthesis works, step by step.",
+    "Describe a walk through a busy market in Marrakesh.",
+    "What are the main causes of the French Revolution?",
+    "Write a letter to a friend about your summer holidays.",
+    "Explain the difference between a list and a tuple in Python.",
+    "Describe the water cycle to a ten-year-old.",
+    "Give advice to someone starting to learn the piano.",
+]
+
+
+def summarize(records: list[dict[str, float]], wall: float) -> dict[str, Any]:
+    """records: per request, `ttft` (seconds from the client's start to its first token) and `tokens`."""
+    tokens = sum(int(r["tokens"]) for r in records)
+    ttfts = [r["ttft"] for r in records]
+    return {
+        "requests": len(records),
+        "completion_tokens": tokens,
+        "wall_s": round(wall, 2),
+        "tokens_per_s": round(tokens / wall, 1),
+        "ttft_mean_s": round(statistics.mean(ttfts), 3),
+        "ttft_p50_s": round(statistics.median(ttfts), 3),
+        "ttft_max_s": round(max(ttfts), 3),
+    }
+
+
+# ---- llmbox serve ------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(model: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
+    args = ["serve", "--model-path", str(model), "--no-lora", "--port", str(port), "--max-batch-size", "8"]
+    with log.open("wb") as sink:
+        process = subprocess.Popen([sys.executable, "-m", "llmbox_engine", *args], stdout=sink, stderr=sink)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"the server exited: see {log}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                if response.status == 200:
+                    return process
+        except OSError:
+            time.sleep(0.3)
+    process.kill()
+    raise SystemExit(f"the server did not become ready: see {log}")
+
+
+def one_streamed_request(client: Any, model: str, prompt: str, max_tokens: int) -> dict[str, float]:
+    started = time.perf_counter()
+    first = None
+    tokens = 0
+    stream = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": prompt}],
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    for chunk in stream:
+        if first is None and chunk.choices and chunk.choices[0].delta.content:
+            first = time.perf_counter()
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+    return {"ttft": (first or time.perf_counter()) - started, "tokens": tokens}
+
+
+def bench_server(model: Path, clients: int, requests: int, max_tokens: int, log: Path) -> dict[str, Any]:
+    from openai import OpenAI
+
+    port = free_port()
+    process = start_server(model, port, log)
+    try:
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
+        model_id = client.models.list().data[0].id
+        one_streamed_request(client, model_id, PROMPTS[0], 8)  # warm-up
+        results: dict[str, Any] = {}
+        for count, each in ((1, SOLO_REQUESTS), (clients, requests)):
+            records: list[dict[str, float]] = []
+
+            def client_loop(
+                index: int, count: int = count, each: int = each, records: list[dict[str, float]] = records
+            ) -> None:
+                for r in range(each):
+                    prompt = PROMPTS[(index + r * count) % len(PROMPTS)]
+                    records.append(one_streamed_request(client, model_id, prompt, max_tokens))
+
+            threads = [threading.Thread(target=client_loop, args=(i,)) for i in range(count)]
+            started = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            results[f"{count}_clients"] = summarize(records, time.perf_counter() - started)
+            print(f"llmbox serve, {count} client(s): {results[f'{count}_clients']}", flush=True)
+        return results
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+# ---- plain transformers ------------------------------------------------------------------------------------
+
+
+class FirstTokenClock:
+    """A generate() streamer that notes when the first new token arrives (its first put() is the prompt)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.first: float | None = None
+
+    def put(self, value: Any) -> None:
+        self.calls += 1
+        if self.calls == 2 and self.first is None:
+            self.first = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
+def bench_transformers(model_dir: Path, clients: int, requests: int, max_tokens: int) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    eos = tokenizer.eos_token_id
+
+    def generate(prompts: list[str]) -> tuple[float, list[int]]:
+        """Seconds to the first token, and each row's tokens up to and with its end of turn."""
+        texts = [
+            tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+            for p in prompts
+        ]
+        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        clock = FirstTokenClock()
+        started = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(
+                **batch, max_new_tokens=max_tokens, do_sample=False, pad_token_id=eos, eos_token_id=eos, streamer=clock
+            )
+        rows = out[:, batch["input_ids"].shape[1] :].tolist()
+        return (clock.first or time.perf_counter()) - started, [r.index(eos) + 1 if eos in r else len(r) for r in rows]
+
+    generate(PROMPTS[:1])  # warm-up
+    results: dict[str, Any] = {}
+    for count, each in ((1, SOLO_REQUESTS), (clients, requests)):
+        # `count` clients' requests arrive together and are answered one after another, each after those before it
+        records: list[dict[str, float]] = []
+        started = time.perf_counter()
+        for r in range(each):
+            arrived = time.perf_counter()
+            for i in range(count):
+                waited = time.perf_counter() - arrived
+                ttft, tokens = generate([PROMPTS[(i + r * count) % len(PROMPTS)]])
+                records.append({"ttft": waited + ttft, "tokens": tokens[0]})
+        results[f"{count}_clients_sequential"] = summarize(records, time.perf_counter() - started)
+        print(f"transformers generate, {count} client(s), one at a time: {results[f'{count}_clients_sequential']}")
+    records = []
+    started = time.perf_counter()
+    for r in range(requests):
+        ttft, tokens = generate([PROMPTS[(i + r * clients) % len(PROMPTS)] for i in range(clients)])
+        records += [{"ttft": ttft, "tokens": t} for t in tokens]
+    results[f"{clients}_clients_static_batch"] = summarize(records, time.perf_counter() - started)
+    print(f"transformers generate, {clients} prompts as one batch: {results[f'{clients}_clients_static_batch']}")
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", nargs="?", type=Path, help="An HF model folder (default: the tests' SmolLM2).")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--requests", type=int, default=1, help="Requests per client, one after another.")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--output", type=Path, default=RESULTS / "serve.json")
+    args = parser.parse_args()
+    model = args.model or smollm2_dir()
+    load_before = os.getloadavg()
+    log = Path(tempfile.gettempdir()) / "llmbox-serve-throughput.log"  # the server's output, for when it fails
+    served = bench_server(model, args.clients, args.requests, args.max_tokens, log)
+    baseline = bench_transformers(model, args.clients, args.requests, args.max_tokens)
+    speedup = (
+        served[f"{args.clients}_clients"]["tokens_per_s"]
+        / baseline[f"{args.clients}_clients_sequential"]["tokens_per_s"]
+    )
+    result = {
+        "model": str(model),
+        "max_tokens": args.max_tokens,
+        "clients": args.clients,
+        "requests_per_client": args.requests,
+        "solo_requests": SOLO_REQUESTS,
+        "llmbox_serve": served,
+        "transformers_generate": baseline,
+        f"throughput_vs_sequential_generate_at_{args.clients}_clients": round(speedup, 2),
+        "load_average_1min": {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)},
+        "machine": machine_info(),
+        "versions": versions(),
+    }
+    write_json(args.output, result)
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,238 @@
+"""Reading a trained adapter folder, refusing broken ones, and watching the folder for a new one.
+
+Training publishes `lora/` by renaming a finished folder into place (the previous one becomes `lora.prev/`),
+so the watcher sees the old folder, no folder for an instant, or the new one. It polls a cheap signature
+(inode, mtime and size of the folder and its files) and, when it changes, reads and checks the new adapter
+entirely off the model: the generation worker only swaps in an adapter that already passed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import re
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmbox_engine.train.artifacts import ADAPTER_INFO
+
+log = logging.getLogger("llmbox.serve")
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")  # .bin: adapters saved by older peft
+_LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
+
+Signature = tuple[tuple[str, int, int, int], ...]
+
+
+class AdapterError(Exception):
+    """An adapter folder that cannot be served; the message says why."""
+
+
+@dataclass(frozen=True)
+class AdapterFiles:
+    path: Path
+    config: Any  # peft's LoraConfig
+    state_dict: dict[str, torch.Tensor]
+    info: dict[str, Any]  # adapter_info.json ({} for adapters not trained by llmbox)
+    fingerprint: str  # of the weights' bytes
+    signature: Signature | None
+    base_matches: bool = True  # False: adapter_info.json names other base weights
+    weights_file: str = field(default=WEIGHT_FILES[0])
+
+    @property
+    def created_at(self) -> str | None:
+        value = self.info.get("created_at")
+        return str(value) if value is not None else None
+
+    @property
+    def final_loss(self) -> tuple[str, float] | None:
+        for key, label in (("final_val_loss", "validation"), ("final_train_loss", "training")):
+            value = self.info.get(key)
+            if isinstance(value, int | float):
+                return label, float(value)
+        return None
+
+    def describe(self) -> str:
+        loss = self.final_loss
+        facts = [
+            f"trained {self.created_at or 'at an unknown date'}",
+            f"final {loss[0]} loss {loss[1]:.4f}" if loss else "final loss unknown",
+            f"fingerprint {self.fingerprint[:12]}",
+        ]
+        return f"{self.path} ({', '.join(facts)})"
+
+
+def signature(folder: Path) -> Signature | None:
+    """What changes when the folder is replaced or a file in it rewritten; None while it is missing."""
+    entries = []
+    for path in (folder, *(folder / name for name in (CONFIG_FILE, ADAPTER_INFO, *WEIGHT_FILES))):
+        try:
+            st = path.stat()
+        except OSError:
+            if path == folder:
+                return None
+            continue
+        entries.append((path.name, st.st_ino, st.st_mtime_ns, st.st_size))
+    return tuple(entries)
+
+
+def read_adapter(folder: Path, linear_shapes: dict[str, tuple[int, int]], base_fingerprint: str) -> AdapterFiles:
+    """Read and check an adapter folder against the base model's layers; AdapterError says what is wrong."""
+    seen = signature(folder)
+    if seen is None or not folder.is_dir():
+        raise AdapterError(f"{folder}: no such folder")
+    config = _read_config(folder)
+    info = _read_info(folder)
+    weights_file = next((name for name in WEIGHT_FILES if (folder / name).is_file()), None)
+    if weights_file is None:
+        raise AdapterError(f"{folder}: no {' or '.join(WEIGHT_FILES)}")
+    data = _read_bytes(folder / weights_file)
+    state_dict = _load_weights(data, folder / weights_file)
+    check_shapes(state_dict, linear_shapes, folder / weights_file)
+    recorded = info.get("base_model", {}).get("fingerprint") if isinstance(info.get("base_model"), dict) else None
+    return AdapterFiles(
+        path=folder,
+        config=config,
+        state_dict=state_dict,
+        info=info,
+        fingerprint=hashlib.blake2b(data, digest_size=16).hexdigest(),
+        signature=seen,
+        base_matches=recorded in (None, base_fingerprint),
+        weights_file=weights_file,
+    )
+
+
+def _read_config(folder: Path) -> Any:
+    from peft import LoraConfig
+
+    path = folder / CONFIG_FILE
+    raw = _read_json(path)
+    if raw.get("peft_type") not in (None, "LORA"):
+        raise AdapterError(f"{path}: a {raw.get('peft_type')} adapter; only LoRA adapters are served")
+    try:
+        return LoraConfig.from_pretrained(str(folder))
+    except Exception as exc:  # peft's own checks of the values
+        raise AdapterError(f"{path}: not a valid LoRA config: {exc}") from None
+
+
+def _read_info(folder: Path) -> dict[str, Any]:
+    path = folder / ADAPTER_INFO
+    return _read_json(path) if path.exists() else {}
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(_read_bytes(path))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterError(f"{path}: malformed JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise AdapterError(f"{path}: expected a JSON object")
+    return value
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise AdapterError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+
+
+def _load_weights(data: bytes, path: Path) -> dict[str, torch.Tensor]:
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load
+
+            state_dict = load(data)
+        else:
+            state_dict = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated or corrupt files fail in many ways
+        raise AdapterError(f"{path}: corrupt weights ({type(exc).__name__}: {exc})") from None
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise AdapterError(f"{path}: not a state dict of tensors")
+    return state_dict
+
+
+def check_shapes(state_dict: dict[str, torch.Tensor], linear_shapes: dict[str, tuple[int, int]], path: Path) -> None:
+    """Every LoRA pair must sit on a linear layer of this model, with A [r, in] and B [out, r]."""
+    pairs: dict[str, dict[str, tuple[int, ...]]] = {}
+    for key, tensor in state_dict.items():
+        match = _LORA_KEY.match(key)
+        if match is None:
+            continue
+        module, which = match["module"], match["which"]
+        if module not in linear_shapes:
+            raise AdapterError(f"{path}: {key}: this model has no linear layer {module!r} (another model's adapter?)")
+        inputs, outputs = linear_shapes[module]
+        shape = tuple(tensor.shape)
+        fits = len(shape) == 2 and (shape[1] == inputs if which == "A" else shape[0] == outputs)
+        if not fits:
+            expected = f"[r, {inputs}]" if which == "A" else f"[{outputs}, r]"
+            raise AdapterError(f"{path}: {key} has shape {list(shape)}, expected {expected} (another model's adapter?)")
+        pairs.setdefault(module, {})[which] = shape
+    if not pairs:
+        raise AdapterError(f"{path}: holds no LoRA weights")
+    for module, pair in pairs.items():
+        if set(pair) != {"A", "B"}:
+            raise AdapterError(f"{path}: {module} has lora_{''.join(pair)} without its pair")
+        if pair["A"][0] != pair["B"][1]:
+            raise AdapterError(f"{path}: {module}: the ranks of lora_A and lora_B differ")
+
+
+class AdapterWatcher(threading.Thread):
+    """Polls an adapter folder; a changed, valid adapter goes to `on_adapter`, a broken one is logged and skipped."""
+
+    def __init__(
+        self,
+        folder: Path,
+        read: Callable[[Path], AdapterFiles],
+        on_adapter: Callable[[AdapterFiles], None],
+        seen: Signature | None,
+        interval: float = 1.0,
+    ) -> None:
+        super().__init__(name="adapter-watcher", daemon=True)
+        self.folder = folder
+        self.read = read
+        self.on_adapter = on_adapter
+        self.seen = seen
+        self.interval = interval
+        self._halt = threading.Event()
+        self._missing_logged = False
+
+    def stop(self) -> None:
+        self._halt.set()
+
+    def run(self) -> None:
+        while not self._halt.wait(self.interval):
+            try:
+                self.poll()
+            except Exception:  # the watcher must outlive any surprise; the next poll tries again
+                log.exception("adapter watcher: unexpected error")
+
+    def poll(self) -> None:
+        current = signature(self.folder)
+        if current is None:
+            if not self._missing_logged and self.seen is not None:
+                log.info("adapter: %s is missing; the current adapter keeps serving", self.folder)
+            self._missing_logged = True
+            return
+        self._missing_logged = False
+        if current == self.seen:
+            return
+        # a folder copied in by hand may still be growing: read it once it holds still for a moment
+        if self._halt.wait(min(0.2, self.interval)) or signature(self.folder) != current:
+            return
+        self.seen = current
+        try:
+            files = self.read(self.folder)
+        except AdapterError as exc:
+            log.warning("adapter refused, the current one keeps serving: %s", exc)
+            return
+        self.on_adapter(files)

@@ -1,0 +1,100 @@
+"""Loading the base model and its tokenizers for serving."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmbox.model_facts import max_positions, read_config
+from llmbox_engine.serve.prompts import stop_token_ids
+from llmbox_engine.train.artifacts import model_fingerprint
+from llmbox_engine.train.model_setup import load_tokenizer
+from llmbox_handlers import match_handler
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+# a tokenizer's model_max_length above this is a placeholder ("no limit"), not the model's context
+MAX_CREDIBLE_CONTEXT = 1 << 22
+DEFAULT_CONTEXT = 2048
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # the base model; peft wraps it in place once an adapter loads
+    tokenizer: Any  # the generation worker's, for decoding
+    prompt_tokenizer: Any  # the HTTP side's, for encoding (a fast tokenizer is not thread-safe)
+    fallback_template: str  # the handler's chat template, for tokenizers that ship none
+    stop_ids: frozenset[int]
+    context_length: int
+    vocab_size: int
+    device: torch.device
+    dtype: torch.dtype
+    name: str
+    path: Path
+    model_type: str
+    fingerprint: str
+    linear_shapes: dict[str, tuple[int, int]]  # module path -> (in_features, out_features), to check adapters
+    cache_argument: str = "cache"  # the forward argument (and output field) of the KV cache
+    keeps_logits: bool = True  # forward takes `logits_to_keep` (a prompt's logits are then one row, not one per token)
+
+
+def forward_parameters(model: Any) -> set[str]:
+    return set(inspect.signature(model.forward).parameters)
+
+
+def model_name(model_path: Path) -> str:
+    """The model directory's name (`smollm2-135m`), not its weights folder's (`model`), as training names it."""
+    return model_path.parent.name if model_path.name == "model" else model_path.name
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32  # half precision on CPU is slow and less exact
+
+
+def load_model(model_path: Path, dtype_name: str = "auto", trust_remote_code: bool = False) -> LoadedModel:
+    from transformers import AutoModelForCausalLM
+
+    config = read_config(model_path)
+    handler = match_handler(config).handler
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    dtype = pick_dtype(dtype_name, device)
+    tokenizer = load_tokenizer(model_path, trust_remote_code)
+    model: Any = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=dtype, trust_remote_code=trust_remote_code)
+    model.to(device)
+    model.eval()
+    model.config.use_cache = True
+    context = max_positions(config)
+    if context is None:
+        limit = getattr(tokenizer, "model_max_length", None)
+        context = limit if isinstance(limit, int) and 0 < limit < MAX_CREDIBLE_CONTEXT else DEFAULT_CONTEXT
+    generation_config = getattr(model, "generation_config", None)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        prompt_tokenizer=load_tokenizer(model_path, trust_remote_code),
+        fallback_template=handler.chat_template,
+        stop_ids=stop_token_ids(tokenizer, getattr(generation_config, "eos_token_id", None)),
+        context_length=context,
+        vocab_size=int(model.get_input_embeddings().weight.shape[0]),
+        device=device,
+        dtype=dtype,
+        name=model_name(model_path),
+        path=model_path,
+        model_type=str(config.get("model_type", "")),
+        fingerprint=model_fingerprint(model_path),
+        linear_shapes={
+            name: (module.in_features, module.out_features)
+            for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear)
+        },
+        # transformers 5 renamed `past_key_values` to `cache`: take whichever this version's forward has
+        cache_argument="cache" if "cache" in forward_parameters(model) else "past_key_values",
+        keeps_logits="logits_to_keep" in forward_parameters(model),
+    )
