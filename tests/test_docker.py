@@ -89,6 +89,8 @@ def test_container_arguments(tmp_path: Path) -> None:
     assert f"type=bind,source={tmp_path},target=/work" in args
     assert args[-3:] == ["img", "python", "-V"]
     assert gpu_args(None) == [] and gpu_args("all") == ["--gpus", "all"]
+    secret = ContainerSpec("img", ["true"], [], secrets=(("LLMBOX_API_KEY", "s3cret"),)).run_args(7, 8)
+    assert "LLMBOX_API_KEY" in secret and not any("s3cret" in a for a in secret)  # never in argv, where ps shows it
 
 
 def test_runtime_docker_without_a_daemon_is_a_clear_error(tmp_path: Path, tiny_llama: Path) -> None:

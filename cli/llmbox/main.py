@@ -202,8 +202,8 @@ def serve(
         mounts.append(docker.Mount(lora.parent, "/adapters"))
         adapter_dir = ["--adapter-dir", f"/adapters/{lora.name}"]
     command = ["python", "-m", "llmbox_engine", "serve", "--model-path", "/model", *flags, *adapter_dir, *options]
-    env = (("LLMBOX_API_KEY", api_key),) if api_key else ()
-    sys.exit(docker.run_container(docker.ContainerSpec(chosen, command, mounts, gpus=gpus, env=env)))
+    secrets = (("LLMBOX_API_KEY", api_key),) if api_key else ()
+    sys.exit(docker.run_container(docker.ContainerSpec(chosen, command, mounts, gpus=gpus, secrets=secrets)))
 
 
 @cli.command()

@@ -91,6 +91,8 @@ class ContainerSpec:
     gpus: str | None = None
     name: str | None = None
     env: tuple[tuple[str, str], ...] = ()
+    # (name, value) pairs handed over in the docker client's environment, so no value shows in `ps`
+    secrets: tuple[tuple[str, str], ...] = ()
 
     def run_args(self, uid: int, gid: int) -> list[str]:
         args = ["docker", "run", "--rm", "--init", "--network", "host", "--shm-size", "2g", "--user", f"{uid}:{gid}"]
@@ -102,6 +104,8 @@ class ContainerSpec:
         # HF and matplotlib caches under the writable volume: the image's home is not the caller's
         for key, value in (("HF_HOME", "/work/.cache/huggingface"), ("MPLCONFIGDIR", "/tmp/matplotlib"), *self.env):
             args += ["--env", f"{key}={value}"]
+        for key, _ in self.secrets:
+            args += ["--env", key]
         return [*args, self.image, *self.command]
 
 
@@ -127,7 +131,7 @@ def image_exists(image: str) -> bool:
 def run_container(spec: ContainerSpec) -> int:
     """Run attached: logs stream to the terminal; the docker client passes Ctrl+C and SIGTERM on (--init)."""
     args = spec.run_args(os.getuid(), os.getgid())
-    return run_attached([docker_cli(), *args[1:]])
+    return run_attached([docker_cli(), *args[1:]], dict(os.environ, **dict(spec.secrets)))
 
 
 def source_tree() -> Path:
