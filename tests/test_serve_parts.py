@@ -348,4 +348,5 @@ def test_the_host_command_hands_the_engine_its_arguments(monkeypatch: pytest.Mon
         (home, "/adapters", True),  # lora/'s parent: a rename of lora/ shows through
     ]
     assert spec.command[spec.command.index("--adapter-dir") + 1] == "/adapters/lora"
-    assert "sekrit" not in spec.command and ("LLMBOX_API_KEY", "sekrit") in spec.env
+    assert "sekrit" not in spec.command and ("LLMBOX_API_KEY", "sekrit") in spec.secrets
+    assert "sekrit" not in " ".join(spec.run_args(1000, 1000))  # not even in the docker client's argv
