@@ -15,7 +15,9 @@ with the load average around the run: other work on the machine skews every numb
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -59,6 +61,14 @@ def summarize(records: list[dict[str, float]], wall: float) -> dict[str, Any]:
 # ---- llmbox serve ------------------------------------------------------------------------------------------
 
 
+def die_with_parent() -> None:
+    """Linux: the child gets SIGTERM when this process dies, even by SIGKILL, so no server is left behind."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+
+
 def free_port() -> int:
     import socket
 
@@ -70,7 +80,9 @@ def free_port() -> int:
 def start_server(model: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
     args = ["serve", "--model-path", str(model), "--no-lora", "--port", str(port), "--max-batch-size", "8"]
     with log.open("wb") as sink:
-        process = subprocess.Popen([sys.executable, "-m", "llmbox_engine", *args], stdout=sink, stderr=sink)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "llmbox_engine", *args], stdout=sink, stderr=sink, preexec_fn=die_with_parent
+        )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if process.poll() is not None:

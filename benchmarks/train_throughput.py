@@ -75,7 +75,9 @@ def parse_args() -> argparse.Namespace:
         help=f"comma-separated, from {', '.join(CONTENDERS | EXTRA_CONTENDERS)}",
     )
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per contender run")
-    parser.add_argument("--workdir", type=Path, default=None, help="keep adapters and logs here (default: temp)")
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="keep adapters and logs here, and reuse the runs it holds"
+    )
     parser.add_argument("--output", type=Path, default=RESULTS / "train.json")
     parser.add_argument("--no-readme", action="store_true", help="do not rewrite the README table")
     return parser.parse_args()
@@ -124,14 +126,19 @@ def token_stats(model: Path, data: Path) -> dict[str, Any]:
 
 
 def run_contender(name: str, repeat: int, model: Path, train: Path, workdir: Path, args: argparse.Namespace) -> dict:
+    """One contender's run in its own process; a run already finished in `--workdir` is reused, not repeated."""
     folder = workdir / f"{name}-{repeat}"
+    if (folder / "run.json").is_file():
+        run: dict[str, Any] = read_json(folder / "run.json")
+        print(f"  {name} #{repeat}: {_run_line(run)} (from {folder})", flush=True)
+        return run
     spec = {**SETTINGS, "contender": name, "model": str(model), "train_data": str(train), "output": str(folder)}
     spec["skip_steps"] = args.skip_steps
     spec_path = write_json(folder / "spec.json", spec)
     before = matmul_gflops()
     child: ChildRun = run_child(["benchmarks/contenders.py", str(spec_path)], folder / "log.txt", args.timeout)
     after = matmul_gflops()
-    run: dict[str, Any] = {
+    run = {
         "contender": name,
         "repeat": repeat,
         "returncode": child.returncode,
@@ -146,6 +153,7 @@ def run_contender(name: str, repeat: int, model: Path, train: Path, workdir: Pat
     result_path = folder / "result.json"
     if child.returncode == 0 and result_path.is_file():
         run |= read_json(result_path)
+        write_json(folder / "run.json", run)
     else:
         run["error"] = (folder / "log.txt").read_text()[-2000:]
     print(f"  {name} #{repeat}: {_run_line(run)}", flush=True)
@@ -209,28 +217,27 @@ def summarise(name: str, runs: list[dict], losses: dict[str, float]) -> dict[str
     }
 
 
-def ratios(table: dict[str, dict[str, Any]]) -> dict[str, float | None]:
-    """llmbox's tokens/s divided by each other contender's."""
-    mine = table.get("llmbox", {}).get("tokens_per_s")
-    others = {k: v["tokens_per_s"] for k, v in table.items() if k != "llmbox" and not v.get("failed")}
+def ratios(table: dict[str, dict[str, Any]], key: str = "tokens_per_s") -> dict[str, float | None]:
+    """llmbox's tokens/s (`key`) divided by each other contender's."""
+    mine = table.get("llmbox", {}).get(key)
+    others = {k: v[key] for k, v in table.items() if k not in ("llmbox", *EXTRA_CONTENDERS) and not v.get("failed")}
 
     def ratio(other: float | None) -> float | None:
         return round(mine / other, 2) if mine and other else None
 
-    named = {
+    return {
         "vs_trl_default": ratio(others.get("trl_default")),
         "vs_trl_best": ratio(others.get("trl_padding_free")),
         "vs_pad_to_max": ratio(others.get("hf_pad_to_max")),
         "vs_group_by_length": ratio(others.get("hf_group_by_length")),
         "vs_fastest_other": ratio(max(others.values(), default=None)),
     }
-    return named
 
 
 def targets(table: dict[str, dict[str, Any]], ratio: dict[str, float | None]) -> dict[str, Any]:
     """The issue's goals for llmbox, each with the measured value and whether it is met."""
     me = table.get("llmbox", {})
-    others = [v for k, v in table.items() if k != "llmbox" and not v.get("failed")]
+    others = [v for k, v in table.items() if k not in ("llmbox", *EXTRA_CONTENDERS) and not v.get("failed")]
     best_loss = min((v["heldout_loss"] for v in others if v.get("heldout_loss") is not None), default=None)
     loss_gap = (me["heldout_loss"] - best_loss) / best_loss if best_loss and me.get("heldout_loss") else None
     trl_rss = table.get("trl_default", {}).get("peak_rss_mb")
@@ -287,7 +294,7 @@ def readme_table(report: dict[str, Any]) -> str:
     rows = []
     for name, v in table.items():
         if v.get("failed"):
-            rows.append([f"`{name}`", "failed", "", "", "", ""])
+            rows.append([f"`{name}`", "failed", "", "", "", "", ""])
             continue
         speed = table["llmbox"]["tokens_per_s"] / v["tokens_per_s"] if not table["llmbox"].get("failed") else None
         rows.append(
@@ -295,12 +302,13 @@ def readme_table(report: dict[str, Any]) -> str:
                 f"`{name}`",
                 f"{v['tokens_per_s']:.1f}",
                 "" if speed is None else f"{speed:.2f}x",
+                f"{v['tokens_per_s_all_steps']:.1f}",
                 f"{v['peak_rss_mb'] / 1024:.1f}",
                 f"{100 * v['mfu']:.1f}%",
                 "" if v["heldout_loss"] is None else f"{v['heldout_loss']:.4f}",
             ]
         )
-    header = ["contender", "tokens/s", "llmbox is", "peak RSS GiB", "MFU", "held-out loss"]
+    header = ["contender", "tokens/s", "llmbox is", "whole epoch tokens/s", "peak RSS GiB", "MFU", "held-out loss"]
     data = report["data"]
     goals = "; ".join(f"{k}: {v['value']} ({'met' if v['met'] else 'not met'})" for k, v in report["targets"].items())
     return "\n".join(
@@ -357,6 +365,9 @@ def main() -> None:
         "heldout_base_loss": round(losses["base_model"], 4),
         "contenders": table,
         "ratios": ratio,
+        # the same over every step of the epoch, warm-up included: with few steps, every contender's figure then
+        # covers the same examples (the timed steps alone hold different examples for each sampler)
+        "ratios_whole_epoch": ratios(table, "tokens_per_s_all_steps"),
         "targets": targets(table, ratio),
         "runs": runs,
         "bench_wall_s": round(time.monotonic() - started, 1),

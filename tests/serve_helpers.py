@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -65,6 +66,14 @@ def copy_adapter(adapter: Adapter, target: Path) -> Path:
     for item in adapter.lora.iterdir():
         (target / item.name).write_bytes(item.read_bytes())
     return target
+
+
+def die_with_parent() -> None:
+    """Linux: the child gets SIGTERM when this process dies, even by SIGKILL, so no server is left behind."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
 
 
 def free_port() -> int:
@@ -156,7 +165,11 @@ def running_server(args: list[str], log: Path, api_key: str | None = None, host_
         env["LLMBOX_API_KEY"] = api_key
     with log.open("wb") as sink:
         process = subprocess.Popen(
-            [*command, *args, "--port", str(port)], stdout=sink, stderr=subprocess.STDOUT, env=env
+            [*command, *args, "--port", str(port)],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env=env,
+            preexec_fn=die_with_parent,
         )
     server = Server(port, log, process, api_key)
     try:
