@@ -151,7 +151,9 @@ class Server:
 
 
 @contextmanager
-def running_server(args: list[str], log: Path, api_key: str | None = None, host_cli: bool = False) -> Iterator[Server]:
+def running_server(
+    args: list[str], log: Path, api_key: str | None = None, host_cli: bool = False, env: dict[str, str] | None = None
+) -> Iterator[Server]:
     """`python -m llmbox_engine serve ARGS` (or `llmbox serve ARGS`) on a free port, stopped with SIGTERM."""
     port = free_port()
     command = (
@@ -159,7 +161,7 @@ def running_server(args: list[str], log: Path, api_key: str | None = None, host_
         if host_cli
         else [sys.executable, "-m", "llmbox_engine", "serve"]
     )
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     env.pop("LLMBOX_API_KEY", None)
     if api_key:
         env["LLMBOX_API_KEY"] = api_key

@@ -53,6 +53,8 @@ def test_train_in_the_container_writes_an_adapter_the_caller_owns(
     assert adapter.is_file() and adapter.stat().st_uid == os.getuid() and adapter.stat().st_gid == os.getgid()
     info = json.loads((home / "lora" / "adapter_info.json").read_text())
     assert info["steps"] == 3 and info["data"]["sources"][0]["path"] == "/data/0/qa.json"
+    assert info["base_model"]["name"] == "tiny"  # the model directory's name, though the container sees /model
+    assert f"adapter: {home / 'lora'}" in proc.stdout and "/work/lora" not in proc.stdout  # host paths shown
     assert not (home / "model" / "lora").exists()  # the weights are mounted read-only, nothing lands there
     assert data.stat().st_uid == os.getuid()
 
@@ -148,3 +150,30 @@ def test_the_tensorboard_sidecar_container(cpu_image: str, tmp_path: Path, tiny_
     finally:
         os.killpg(process.pid, signal.SIGINT)
         assert process.wait(timeout=60) is not None
+
+
+def test_serve_in_the_container_answers_the_openai_client_with_the_adapter(
+    cpu_image: str, tmp_path: Path, tiny_llama: Path
+) -> None:
+    from llmbox_engine.train.artifacts import publish_adapter
+    from serve_helpers import chat, copy_model_home, running_server, trained_adapter
+
+    adapter = trained_adapter(tiny_llama, "a")
+    home = copy_model_home(tiny_llama, tmp_path / "home" / "models" / "tiny")
+    publish_adapter(adapter.lora, home / "lora", adapter.info)
+    env = {"LLMBOX_HOME": str(tmp_path / "home")}
+    args = ["tiny", "--runtime", "docker", "--threads", "1"]
+    with running_server(args, tmp_path / "serve.log", api_key="k3y", host_cli=True, env=env) as server:
+        ids = {m.id for m in server.client().models.list()}
+        assert ids == {"tiny", "tiny:lora"}, ids  # the directory's name, not the container's /model
+        assert chat(server.client(), "tiny:lora").choices[0].message.content.strip() == adapter.answer
+        status, body = server.request("GET", "/v1/models", headers={"Authorization": "Bearer wrong"})
+        assert status == 401 and body["error"]["code"] == "invalid_api_key"
+        assert str(home / "lora") in server.output() and "/adapters/lora" not in server.output()
+        running = subprocess.run(["docker", "ps", "-q", "--filter", f"ancestor={cpu_image}"], capture_output=True,
+                                 text=True, check=True)  # fmt: skip
+        assert running.stdout.strip(), "the server is not running in a container"
+    # SIGTERM to `llmbox serve` stops the container, and --rm removes it
+    left = subprocess.run(["docker", "ps", "-aq", "--filter", f"ancestor={cpu_image}"], capture_output=True,
+                          text=True, check=True)  # fmt: skip
+    assert left.stdout.strip() == ""

@@ -132,7 +132,7 @@ def train(
         *flags,
         *to_argv(TRAIN_OPTIONS, values),
     ]
-    sys.exit(docker.run_container(docker.ContainerSpec(chosen, command, mounts, gpus=gpus)))
+    sys.exit(docker.run_container(docker.ContainerSpec(chosen, command, mounts, gpus=gpus, model_name=home.name)))
 
 
 @cli.command()
@@ -203,7 +203,8 @@ def serve(
         adapter_dir = ["--adapter-dir", f"/adapters/{lora.name}"]
     command = ["python", "-m", "llmbox_engine", "serve", "--model-path", "/model", *flags, *adapter_dir, *options]
     secrets = (("LLMBOX_API_KEY", api_key),) if api_key else ()
-    sys.exit(docker.run_container(docker.ContainerSpec(chosen, command, mounts, gpus=gpus, secrets=secrets)))
+    spec = docker.ContainerSpec(chosen, command, mounts, gpus=gpus, model_name=home.name, secrets=secrets)
+    sys.exit(docker.run_container(spec))
 
 
 @cli.command()

@@ -26,6 +26,11 @@ class ModelHome:
     def lora(self) -> Path:
         return self.root / "lora"
 
+    @property
+    def name(self) -> str:
+        """What training and serving call the model (its directory's name), also inside a container."""
+        return self.root.name
+
 
 def resolve_model(spec: str) -> ModelHome:
     path = Path(spec).expanduser()

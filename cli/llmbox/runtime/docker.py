@@ -9,16 +9,19 @@ default), a shared-memory size fit for data loaders, and the GPUs asked for.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from llmbox.errors import UserError
 from llmbox.runtime.attached import run_attached
+from llmbox.runtime.build_context import build_context
 
 CPU_IMAGE = "llmbox/engine:cpu"
 CUDA_IMAGE = "llmbox/engine:cuda"
@@ -90,6 +93,7 @@ class ContainerSpec:
     mounts: Sequence[Mount]
     gpus: str | None = None
     name: str | None = None
+    model_name: str | None = None  # the model directory's name, which the container cannot see
     env: tuple[tuple[str, str], ...] = ()
     # (name, value) pairs handed over in the docker client's environment, so no value shows in `ps`
     secrets: tuple[tuple[str, str], ...] = ()
@@ -102,7 +106,12 @@ class ContainerSpec:
         for mount in self.mounts:
             args += mount.args()
         # HF and matplotlib caches under the writable volume: the image's home is not the caller's
-        for key, value in (("HF_HOME", "/work/.cache/huggingface"), ("MPLCONFIGDIR", "/tmp/matplotlib"), *self.env):
+        env = [("HF_HOME", "/work/.cache/huggingface"), ("MPLCONFIGDIR", "/tmp/matplotlib"), *self.env]
+        # so the engine prints host paths, not /work/lora (llmbox_engine.host_view)
+        env.append(("LLMBOX_HOST_PATHS", json.dumps({m.target: str(m.source) for m in self.mounts})))
+        if self.model_name:
+            env.append(("LLMBOX_MODEL_NAME", self.model_name))
+        for key, value in env:
             args += ["--env", f"{key}={value}"]
         for key, _ in self.secrets:
             args += ["--env", key]
@@ -134,14 +143,6 @@ def run_container(spec: ContainerSpec) -> int:
     return run_attached([docker_cli(), *args[1:]], dict(os.environ, **dict(spec.secrets)))
 
 
-def source_tree() -> Path:
-    """The llmbox checkout this CLI runs from: the image is built from it."""
-    root = Path(__file__).resolve().parents[3]
-    if not (root / "images" / "Dockerfile").is_file():
-        raise UserError(f"llmbox build needs the llmbox source tree (images/Dockerfile), not found at {root}")
-    return root
-
-
 def build_args(*, cpu: bool, base_image: str | None, version: str, context: Path) -> dict[str, str]:
     """The Dockerfile's build arguments: a local torch wheel in images/wheels wins over any index."""
     args = {"LLMBOX_VERSION": version}
@@ -158,10 +159,11 @@ def build_args(*, cpu: bool, base_image: str | None, version: str, context: Path
 
 
 def build_image(tag: str, *, cpu: bool, base_image: str | None, version: str) -> int:
-    context = source_tree()
-    (context / "images" / "wheels").mkdir(exist_ok=True)
-    dockerfile = context / "images" / "Dockerfile"
-    command = [docker_cli(), "build", "--network", "host", "--progress", "plain", "-f", str(dockerfile), "-t", tag]
-    for key, value in build_args(cpu=cpu, base_image=base_image, version=version, context=context).items():
-        command += ["--build-arg", f"{key}={value}"]
-    return run_attached([*command, str(context)], dict(os.environ, DOCKER_BUILDKIT="1"))
+    with tempfile.TemporaryDirectory(prefix="llmbox-build-") as scratch:
+        context = build_context(Path(scratch))
+        (context / "images" / "wheels").mkdir(exist_ok=True)
+        dockerfile = context / "images" / "Dockerfile"
+        command = [docker_cli(), "build", "--network", "host", "--progress", "plain", "-f", str(dockerfile), "-t", tag]
+        for key, value in build_args(cpu=cpu, base_image=base_image, version=version, context=context).items():
+            command += ["--build-arg", f"{key}={value}"]
+        return run_attached([*command, str(context)], dict(os.environ, DOCKER_BUILDKIT="1"))

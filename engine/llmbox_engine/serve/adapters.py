@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from llmbox_engine.host_view import host_path
 from llmbox_engine.train.artifacts import ADAPTER_INFO
 
 log = logging.getLogger("llmbox.serve")
@@ -67,7 +68,7 @@ class AdapterFiles:
             f"final {loss[0]} loss {loss[1]:.4f}" if loss else "final loss unknown",
             f"fingerprint {self.fingerprint[:12]}",
         ]
-        return f"{self.path} ({', '.join(facts)})"
+        return f"{host_path(self.path)} ({', '.join(facts)})"
 
 
 def signature(folder: Path) -> Signature | None:

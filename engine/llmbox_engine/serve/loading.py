@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from llmbox.model_facts import max_positions, read_config
+from llmbox_engine.host_view import model_name
 from llmbox_engine.serve.prompts import stop_token_ids
 from llmbox_engine.train.artifacts import model_fingerprint
 from llmbox_engine.train.model_setup import load_tokenizer
@@ -43,11 +44,6 @@ class LoadedModel:
 
 def forward_parameters(model: Any) -> set[str]:
     return set(inspect.signature(model.forward).parameters)
-
-
-def model_name(model_path: Path) -> str:
-    """The model directory's name (`smollm2-135m`), not its weights folder's (`model`), as training names it."""
-    return model_path.parent.name if model_path.name == "model" else model_path.name
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:

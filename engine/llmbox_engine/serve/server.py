@@ -15,10 +15,11 @@ from functools import partial
 from pathlib import Path
 
 from llmbox.errors import UserError
+from llmbox_engine.host_view import host_path, model_name
 from llmbox_engine.serve.adapters import AdapterError, AdapterFiles, AdapterWatcher, read_adapter, signature
 from llmbox_engine.serve.app import MAX_BODY_BYTES, create_app
 from llmbox_engine.serve.generation import AdapterMeta, GenerationWorker
-from llmbox_engine.serve.loading import LoadedModel, load_model, model_name
+from llmbox_engine.serve.loading import LoadedModel, load_model
 from llmbox_engine.serve.service import Service
 
 log = logging.getLogger("llmbox.serve")
@@ -69,7 +70,7 @@ def run_server(config: ServeConfig) -> None:
         )
     )  # fmt: skip
     loader = _Loader(config, service, server)
-    say(f"serving on http://{_url_host(config.host)}:{config.port}/v1 (loading {config.model_path} ...)")
+    say(f"serving on http://{_url_host(config.host)}:{config.port}/v1 (loading {host_path(config.model_path)} ...)")
     loader.start()
     server.run()
     loader.shutdown()

@@ -37,6 +37,7 @@ from llmbox.errors import UserError
 from llmbox.facts import DataFacts, model_facts_from_config, read_gpu_facts, read_host_facts
 from llmbox.model_facts import max_positions, read_config
 from llmbox.plan import PlanFlags, TrainingPlan, plan
+from llmbox_engine import host_view
 from llmbox_engine.atomic import staged_dir
 from llmbox_engine.data.batching import packed_batch, padded_batch, token_budget_batches
 from llmbox_engine.data.canonical import Example
@@ -97,8 +98,7 @@ class TrainOptions:
 
     @property
     def model_name(self) -> str:
-        """The model directory's name (`smollm2-135m`), not its weights folder's (`model`)."""
-        return self.model_path.parent.name if self.model_path.name == "model" else self.model_path.name
+        return host_view.model_name(self.model_path)
 
     @property
     def seed(self) -> int:
@@ -527,8 +527,10 @@ class LoraRecipe:
             f"{self.options.model_name}: LoRA r{self.plan.lora_r}, {mode} mode",
         )
         out.console.print(f"[bold]stopped:[/] {stop_reason}")
-        out.console.print(f"adapter: {adapter}  (from {source.name}, step {self._checkpoint_step(source)})")
-        out.console.print(f"checkpoints: {self.checkpoints}   plot: {self.output / 'training_history.png'}")
+        shown = host_view.host_path
+        out.console.print(f"adapter: {shown(adapter)}  (from {source.name}, step {self._checkpoint_step(source)})")
+        plot = shown(self.output / "training_history.png")
+        out.console.print(f"checkpoints: {shown(self.checkpoints)}   plot: {plot}")
         if not self.options.skip_test:
             self.sample_answers(adapter)
         return TrainResult(adapter, stop_reason, prog.step, prog.best_val)
