@@ -84,3 +84,16 @@ def test_requirements_split_by_extra() -> None:
     )  # fmt: skip
     assert base == ["click>=8.1"]
     assert extras == {"engine": ["torch>=2.4", 'uvloop; sys_platform != "win32"'], "dev": ["pytest>=8"]}
+
+
+def test_build_arguments_pick_the_base_for_the_variant(tmp_path: Path) -> None:
+    from llmbox.runtime.docker import CPU_BASE_IMAGE, build_args
+
+    cpu = build_args(cpu=True, base_image=None, version="1.2.3", context=tmp_path)
+    assert cpu["BASE_IMAGE"] == CPU_BASE_IMAGE and cpu["BITSANDBYTES"] == "" and cpu["LLMBOX_VERSION"] == "1.2.3"
+    cuda = build_args(cpu=False, base_image=None, version="1.2.3", context=tmp_path)
+    assert "BASE_IMAGE" not in cuda and cuda["CUDA_LABEL"] == "12.8"  # the Dockerfile's CUDA default
+    assert build_args(cpu=True, base_image="mine", version="1", context=tmp_path)["BASE_IMAGE"] == "mine"
+    (tmp_path / "images" / "wheels").mkdir(parents=True)
+    (tmp_path / "images" / "wheels" / "torch-2.13.0-cp311-cp311-linux_x86_64.whl").touch()
+    assert build_args(cpu=True, base_image=None, version="1", context=tmp_path)["TORCH_SPEC"] == "torch==2.13.0"

@@ -143,8 +143,6 @@ def build(cpu: bool, base_image: str | None, tag: str | None) -> None:
     """Build the engine image that `train` and `serve` run in (they build it on first use too)."""
     from llmbox.runtime import docker
 
-    if cpu and base_image is None:
-        base_image = "debian:bookworm-slim"
     tag = tag or (docker.CPU_IMAGE if cpu else docker.CUDA_IMAGE)
     code = docker.build_image(tag, cpu=cpu, base_image=base_image, version=__version__)
     if code:

@@ -25,6 +25,7 @@ from llmbox.runtime.build_context import build_context
 
 CPU_IMAGE = "llmbox/engine:cpu"
 CUDA_IMAGE = "llmbox/engine:cuda"
+CPU_BASE_IMAGE = "debian:bookworm-slim"
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
 
@@ -146,6 +147,7 @@ def run_container(spec: ContainerSpec) -> int:
 def build_args(*, cpu: bool, base_image: str | None, version: str, context: Path) -> dict[str, str]:
     """The Dockerfile's build arguments: a local torch wheel in images/wheels wins over any index."""
     args = {"LLMBOX_VERSION": version}
+    base_image = base_image or (CPU_BASE_IMAGE if cpu else None)  # None: the Dockerfile's CUDA default
     if base_image:
         args["BASE_IMAGE"] = base_image
     if cpu:
