@@ -177,3 +177,32 @@ def test_serve_in_the_container_answers_the_openai_client_with_the_adapter(
     left = subprocess.run(["docker", "ps", "-aq", "--filter", f"ancestor={cpu_image}"], capture_output=True,
                           text=True, check=True)  # fmt: skip
     assert left.stdout.strip() == ""
+
+
+def test_ctrl_c_stops_the_train_container_which_saves_its_adapter(
+    cpu_image: str, tmp_path: Path, tiny_llama: Path
+) -> None:
+    import signal
+
+    from train_helpers import finish, wait_for
+
+    env = {**os.environ, "LLMBOX_HOME": str(tmp_path / "home")}
+    assert run_llmbox("install", str(tiny_llama), "--name", "tiny", env=env).returncode == 0
+    write_json(tmp_path / "data" / "qa.json", qa_records(40))
+    llmbox = str(Path(sys.executable).with_name("llmbox"))
+    never_stop = ["--mode", "non-stop", "--patience", "100000", "--overfitting-threshold", "1000"]
+    command = [llmbox, "train", "tiny", "--runtime", "docker", "--data", str(tmp_path / "data"), "--skip-test",
+               "--no-tensorboard", *never_stop]  # fmt: skip
+    # a session of its own, like a terminal's foreground job: Ctrl+C goes to the whole group (llmbox and docker)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                               start_new_session=True)  # fmt: skip
+    wait_for(process, "eval   2", timeout=300)
+    os.killpg(process.pid, signal.SIGINT)
+    rest = finish(process)
+    assert process.returncode == 0, rest
+    assert "stopped: stopped by SIGINT" in rest
+    lora = tmp_path / "home" / "models" / "tiny" / "lora"
+    assert json.loads((lora / "adapter_info.json").read_text())["stop_reason"] == "stopped by SIGINT"
+    left = subprocess.run(["docker", "ps", "-aq", "--filter", f"ancestor={cpu_image}"], capture_output=True,
+                          text=True, check=True)  # fmt: skip
+    assert left.stdout.strip() == ""  # stopped and removed

@@ -7,13 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from conftest import free_port, tensorboard_tags, write_json
-from train_helpers import qa_records
+from train_helpers import finish, qa_records, wait_for
 
 
 def start_training(model: Path, out: Path, data: Path, *extra: str, host_cli: bool = False) -> subprocess.Popen[str]:
@@ -27,30 +26,6 @@ def start_training(model: Path, out: Path, data: Path, *extra: str, host_cli: bo
     return subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
-
-
-def wait_for(process: subprocess.Popen[str], marker: str, timeout: float = 120) -> list[str]:
-    lines: list[str] = []
-    deadline = time.monotonic() + timeout
-    assert process.stdout is not None
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if marker in line:
-            return lines
-    process.kill()
-    raise AssertionError(f"never saw {marker!r}:\n{''.join(lines)}")
-
-
-def finish(process: subprocess.Popen[str]) -> str:
-    try:
-        rest, _ = process.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        raise
-    return rest
 
 
 @pytest.fixture

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -42,3 +44,27 @@ def train(model: Path, output: Path, data: Path | str, skip_test: bool = True, *
 
 def adapter_info(output: Path) -> dict[str, Any]:
     return json.loads((output / "lora" / "adapter_info.json").read_text())  # type: ignore[no-any-return]
+
+
+def wait_for(process: subprocess.Popen[str], marker: str, timeout: float = 120) -> list[str]:
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    assert process.stdout is not None
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if marker in line:
+            return lines
+    process.kill()
+    raise AssertionError(f"never saw {marker!r}:\n{''.join(lines)}")
+
+
+def finish(process: subprocess.Popen[str]) -> str:
+    try:
+        rest, _ = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise
+    return rest
