@@ -3,6 +3,8 @@
     python benchmarks/profile_train_step.py                          # as train_throughput.py runs llmbox
     python benchmarks/profile_train_step.py --micro-batch 4          # 4 x 2 accumulation instead of 8 x 1
     python benchmarks/profile_train_step.py --lora-dropout 0         # without LoRA dropout
+    python benchmarks/profile_train_step.py --per-projection-dropout # peft's dropout (a mask per projection)
+    python benchmarks/profile_train_step.py --forward-tokens 2048    # passes of at most 2048 tokens
 
 The same data and settings as train_throughput.py; the first `--steps - 1` steps are warm-up, the last
 one is profiled. Prints (and writes to results/train_profile.json) the share of CPU time by kind of
@@ -90,8 +92,14 @@ def profile_llmbox(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         seed=SETTINGS["seed"],
     )
     options = TrainOptions(model_path=smollm2_dir(), output=workdir / "run", data=str(data), flags=flags)
+    if args.per_projection_dropout:  # peft's own: a mask per adapted projection
+        import llmbox_engine.train.shared_dropout as shared
+
+        shared.share_lora_dropout = lambda model, p: None
     recipe = ProfiledRecipe(dataclasses.replace(options, tensorboard=False, skip_test=True))
     recipe.setup()
+    if args.forward_tokens:
+        recipe.plan = dataclasses.replace(recipe.plan, max_forward_tokens=args.forward_tokens)
     with recipe.stop:
         recipe.train()
     return found
@@ -127,10 +135,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="the last of these steps is profiled")
     parser.add_argument("--micro-batch", type=int, default=8, choices=(1, 2, 4, 8))
     parser.add_argument("--lora-dropout", type=float, default=None, help="override the planner's 0.05")
+    parser.add_argument("--forward-tokens", type=int, default=None, help="override the plan's tokens per pass")
+    parser.add_argument("--per-projection-dropout", action="store_true", help="peft's dropout, not the shared one")
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--output", type=Path, default=None, help="default: results/train_profile-<variant>.json")
     args = parser.parse_args()
     variant = f"mb{args.micro_batch}" + ("" if args.lora_dropout is None else f"-dropout{args.lora_dropout:g}")
+    variant += (f"-pass{args.forward_tokens}" if args.forward_tokens else "") + (
+        "-peftdropout" if args.per_projection_dropout else ""
+    )
     output = args.output or RESULTS / f"train_profile-{variant}.json"
     with tempfile.TemporaryDirectory(prefix="llmbox-profile-") as tmp:
         found = profile_llmbox(args, Path(tmp))

@@ -28,7 +28,16 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from common import RESULTS, machine_info, smollm2_dir, versions, write_json
+from common import (
+    README,
+    RESULTS,
+    machine_info,
+    markdown_table,
+    replace_between_markers,
+    smollm2_dir,
+    versions,
+    write_json,
+)
 
 SOLO_REQUESTS = 4
 PROMPTS = [
@@ -237,6 +246,7 @@ def main() -> None:
         / baseline[f"{args.clients}_clients_sequential"]["tokens_per_s"]
     )
     result = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
         "model": str(model),
         "max_tokens": args.max_tokens,
         "clients": args.clients,
@@ -250,7 +260,38 @@ def main() -> None:
         "versions": versions(),
     }
     write_json(args.output, result)
+    replace_between_markers(README, "serve-results", readme_table(result))
     print(f"wrote {args.output}")
+
+
+def readme_table(result: dict[str, Any]) -> str:
+    clients = result["clients"]
+    served, baseline = result["llmbox_serve"], result["transformers_generate"]
+    rows = [
+        ["`llmbox serve`", "1", *_cells(served["1_clients"])],
+        ["transformers `generate`, one request at a time", "1", *_cells(baseline["1_clients_sequential"])],
+        ["`llmbox serve`", str(clients), *_cells(served[f"{clients}_clients"])],
+        ["transformers `generate`, one request at a time", str(clients),
+         *_cells(baseline[f"{clients}_clients_sequential"])],
+        ["transformers `generate`, one static batch (reference)", str(clients),
+         *_cells(baseline[f"{clients}_clients_static_batch"])],
+    ]  # fmt: skip
+    load = result["load_average_1min"]
+    return "\n".join([
+        f"Last run: {result.get('date', '?')}, {result['machine']['cpu']} ({result['machine']['logical_cpus']} "
+        f"CPUs), SmolLM2-135M-Instruct fp32, greedy, {result['max_tokens']} tokens per answer, streaming; load "
+        f"average {load['before']} before, {load['after']} after.",
+        "",
+        markdown_table(["server", "clients", "tokens/s", "TTFT mean s", "TTFT max s"], rows),
+        "",
+        f"At {clients} clients llmbox serves "
+        f"{result[f'throughput_vs_sequential_generate_at_{clients}_clients']:.2f}x the tokens/s of `generate` one "
+        "request after another.",
+    ])  # fmt: skip
+
+
+def _cells(figures: dict[str, float]) -> list[str]:
+    return [f"{figures['tokens_per_s']:.1f}", f"{figures['ttft_mean_s']:.2f}", f"{figures['ttft_max_s']:.2f}"]
 
 
 if __name__ == "__main__":

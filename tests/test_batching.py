@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from llmbox_engine.data.batching import packed_batch, padded_batch, token_budget_batches
+from llmbox_engine.data.batching import packed_batch, padded_batch, split_to_budget, token_budget_batches
 from llmbox_engine.data.render import IGNORE_INDEX, TokenizedExample
 
 from tiny_models import FAMILIES
@@ -106,3 +106,16 @@ def test_packed_examples_do_not_attend_to_each_other(family: str, tiny_model_fac
         ).item()
     assert int((labels[0, 1:] != IGNORE_INDEX).sum()) == separate_count
     assert packed_loss_sum == pytest.approx(separate_loss_sum, rel=1e-5)
+
+
+def test_a_batch_splits_into_passes_within_the_token_budget() -> None:
+    lengths = [100, 200, 300, 400, 500, 900]
+    assert split_to_budget([0, 1, 2, 3, 4], lengths, 1000) == [[0, 1, 2], [3, 4]]  # 3 x 300, then 2 x 500
+    assert split_to_budget([0, 1, 2], lengths, 10_000) == [[0, 1, 2]]
+    assert split_to_budget([4, 5], lengths, 800) == [[4], [5]]  # a row over the budget runs alone
+    rng = random.Random(3)
+    many = [rng.randint(1, 700) for _ in range(200)]
+    for batch in token_budget_batches(many, max_tokens=8 * 700, max_batch_size=8, seed=0):
+        passes = split_to_budget(batch, many, 2048)
+        assert [i for piece in passes for i in piece] == batch  # every row once, in order
+        assert all(len(p) == 1 or len(p) * max(many[i] for i in p) <= 2048 for p in passes)

@@ -86,7 +86,9 @@ def test_plain_text_one_example_per_nonempty_line(tmp_path: Path) -> None:
 
 def test_vision_image_resolved_relative_to_the_data_file(tmp_path: Path) -> None:
     (tmp_path / "imgs").mkdir()
-    (tmp_path / "imgs" / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    from PIL import Image
+
+    Image.new("RGB", (4, 4), "red").save(tmp_path / "imgs" / "a.png")
     path = write_json(tmp_path / "sub" / ".." / "v.json", [{"image": "imgs/a.png", "caption": "a red dot"}])
     (example,) = load_examples(str(path)).examples
     assert example.images == (str((tmp_path / "imgs" / "a.png").resolve()),)

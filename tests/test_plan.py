@@ -472,6 +472,21 @@ def test_cpu_batch_from_a_token_budget() -> None:
     assert p.memory.budget_bytes is None
 
 
+def test_a_large_batch_flag_on_cpu_runs_in_bounded_forward_passes() -> None:
+    data = DataFacts(n_train=400, n_val=0, task="instruction", mean_tokens=370.0, p95_tokens=700, max_tokens=717)
+    eight, two = make_plan(SMOL, (), data=data, batch_size=8), make_plan(SMOL, (), data=data, batch_size=2)
+    assert (eight.max_seq_length, eight.batch_size) == (768, 8)  # 8 examples per micro-batch, as asked
+    assert eight.max_forward_tokens == (4096 // 768) * 768  # but no pass holds more than the CPU budget
+    # activations are held for one pass at a time: 5 x 768 tokens, not 8 x 768
+    assert eight.memory.activation_bytes / two.memory.activation_bytes == pytest.approx(5 * 768 / (2 * 768))
+
+
+def test_on_a_gpu_a_pass_holds_what_fits() -> None:
+    p = make_plan(L8B, (T4,), batch_size=512)
+    assert p.max_seq_length <= p.max_forward_tokens < 512 * p.max_seq_length
+    assert fits(p)  # the estimate counts one pass, which fits; 512 rows at once would not
+
+
 def test_cpu_with_too_little_memory_is_a_user_error() -> None:
     with pytest.raises(UserError, match="GiB"):
         make_plan(L8B, (), host=HostFacts(cpu_memory_bytes=16 * GiB))

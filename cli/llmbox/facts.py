@@ -40,6 +40,18 @@ _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "tie_word_embeddings": True,
     },
 }
+# LLaVA-style configs nest a text_config that keeps only what differs from the language model's own defaults
+# (llava-1.5 names little more than the vocabulary): these are LlamaConfig's, filled in only for nested configs.
+_NESTED_TEXT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": {
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "vocab_size": 32000,
+        "max_position_embeddings": 2048,
+    },
+}
 # Families whose lm_head shares the embedding matrix unless the config says otherwise.
 _TIED_BY_DEFAULT = ("gpt2", "gemma", "gemma2", "gemma3", "gemma3_text")
 
@@ -197,7 +209,8 @@ def model_facts_from_config(config: dict[str, Any]) -> ModelFacts:
     top_type = str(config.get("model_type", ""))
     text = text_config(config)
     model_type = str(text.get("model_type") or ("gemma3_text" if top_type == "gemma3" else top_type))
-    cfg: dict[str, Any] = {**_FAMILY_DEFAULTS.get(model_type, {}), **text}
+    nested = _NESTED_TEXT_DEFAULTS.get(model_type, {}) if text is not config else {}
+    cfg: dict[str, Any] = {**nested, **_FAMILY_DEFAULTS.get(model_type, {}), **text}
 
     h = _required(cfg, "hidden size", "hidden_size", "n_embd", "d_model")
     n_layers = _required(cfg, "layer count", "num_hidden_layers", "n_layer", "num_layers")

@@ -192,6 +192,9 @@ def serve(
 
     chosen, gpus = engine_image(image, gpus)
     mounts = [docker.Mount(home.weights, "/model")]
+    if values.get("image_dir"):  # the allowed image folder, read-only, where the engine's --image-dir says
+        mounts.append(docker.Mount(Path(values["image_dir"]), "/images"))
+        options = to_argv(SERVE_OPTIONS, {**values, "image_dir": "/images"})
     adapter_dir = []
     if lora is not None:
         if not lora.parent.is_dir():

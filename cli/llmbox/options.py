@@ -183,4 +183,7 @@ SERVE_OPTIONS: tuple[Opt, ...] = (
         type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto"),
     Opt("--threads", "CPU threads per operation (default: PyTorch's, one per core); 1 suits tiny models and busy "
         "machines.", type=click.IntRange(min=1)),
+    Opt("--image-dir", "Vision models: chat requests may name image files (a path or file:// URL) inside this "
+        "folder; without it only data: URLs are taken, and http(s) URLs never.",
+        type=click.Path(exists=True, file_okay=False, resolve_path=True)),
 )  # fmt: skip

@@ -161,6 +161,9 @@ class TrainingPlan:
     gradient_accumulation_steps: int
     effective_batch_size: int
     max_batch_size: int
+    # a micro-batch holding more (rows x longest) is run as several forward/backward passes: the examples per
+    # optimizer step stay as planned, the memory stays bounded whatever --batch-size asks for
+    max_forward_tokens: int
     gradient_checkpointing: bool
     learning_rate: float
     optimizer: str
@@ -646,8 +649,8 @@ def _checkpointing(
 
 def _batch(
     setup: _Setup, flags: PlanFlags, seq: int, device: _Device, checkpointing: bool, goal: int, notes: _Notes
-) -> tuple[int, int, int]:
-    """(micro-batch size, gradient accumulation steps, largest micro-batch that fits)."""
+) -> tuple[int, int, int, int]:
+    """(micro-batch size, gradient accumulation steps, largest micro-batch that fits, tokens per forward pass)."""
     fits = setup.max_batch(device.budget, seq, checkpointing)
     if device.on_gpu:
         assert fits is not None
@@ -673,7 +676,9 @@ def _batch(
     else:
         accumulation = max(1, math.ceil(goal / batch))
         notes.why("gradient_accumulation_steps", f"reach an effective batch of ~{goal} examples")
-    return batch, accumulation, max_batch
+    forward_tokens = max_batch * seq
+    notes.why("max_forward_tokens", f"{limit_why}: a longer micro-batch runs as several forward/backward passes")
+    return batch, accumulation, max_batch, forward_tokens
 
 
 def _learning_rate(model: ModelFacts, mode: str, flags: PlanFlags, notes: _Notes) -> float:
@@ -782,7 +787,7 @@ def plan(
 
     goal = _effective_batch_goal(flags, n_train)
     checkpointing = _checkpointing(setup, handler, flags, seq, device.budget, notes)
-    batch, accumulation, max_batch = _batch(setup, flags, seq, device, checkpointing, goal, notes)
+    batch, accumulation, max_batch, forward_tokens = _batch(setup, flags, seq, device, checkpointing, goal, notes)
     effective = batch * accumulation
     steps_per_epoch = max(1, math.ceil(n_train / effective))
 
@@ -806,8 +811,8 @@ def plan(
     notes.why("seed", "--seed" if flags.seed is not None else "default")
     notes.why("save_total_limit", f"keep the {SAVE_TOTAL_LIMIT} latest numbered checkpoints")
 
-    activations = batch * seq * setup.act_per_token[checkpointing]
-    logits = batch * seq * setup.logits_per_token
+    activations = min(batch * seq, forward_tokens) * setup.act_per_token[checkpointing]
+    logits = min(batch * seq, forward_tokens) * setup.logits_per_token
     memory = MemoryEstimate(
         free_bytes=device.free,
         budget_bytes=device.budget,
@@ -836,6 +841,7 @@ def plan(
         gradient_accumulation_steps=accumulation,
         effective_batch_size=effective,
         max_batch_size=max_batch if flags.circular else batch,
+        max_forward_tokens=forward_tokens,
         gradient_checkpointing=checkpointing,
         learning_rate=learning_rate,
         optimizer=setup.optimizer,

@@ -101,5 +101,6 @@ def serve(model_path: Path, adapter_dir: Path | None, trust_remote_code: bool, *
             dtype=values["dtype"],
             threads=values["threads"],
             trust_remote_code=trust_remote_code,
+            image_dir=Path(values["image_dir"]) if values["image_dir"] else None,
         )
     )

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from llmbox_handlers import gemma3, generic, gpt2, llama, mistral, phi3, qwen
+from llmbox_handlers import gemma3, generic, gpt2, llama, llava, mistral, phi3, qwen
 from llmbox_handlers.base import CHATML_TEMPLATE, Handler, HandlerMatch
 
 FAMILY_HANDLERS: tuple[Handler, ...] = (
@@ -17,6 +17,7 @@ FAMILY_HANDLERS: tuple[Handler, ...] = (
     mistral.HANDLER,
     qwen.HANDLER,
     gemma3.HANDLER,
+    llava.HANDLER,
     gpt2.HANDLER,
     phi3.HANDLER,
 )

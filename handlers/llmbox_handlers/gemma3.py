@@ -1,4 +1,12 @@
-"""Gemma 3 (text and multimodal). Trained in bf16: Gemma's activations overflow fp16."""
+r"""Gemma 3 (text and multimodal). Trained in bf16: Gemma's activations overflow fp16.
+
+Multimodal Gemma 3 (`Gemma3ForConditionalGeneration`: model_type "gemma3" with a `vision_config`) trains on
+images: the processor expands `<start_of_image>` into the image's soft tokens, which (like the prompt) are
+masked out of the loss; `token_type_ids` mark them so they attend to each other both ways. LoRA goes on the
+language model only, by the regex `.*\.language_model\..*\.(q_proj|...)` (`Handler.vision_lora_targets`):
+the SigLIP tower has `q_proj`/`k_proj`/`v_proj`/`out_proj` too, and a plain name list would adapt it. The
+tower and the projector stay frozen.
+"""
 
 from llmbox_handlers.base import Handler
 from llmbox_handlers.llama import LLAMA_PROJECTIONS

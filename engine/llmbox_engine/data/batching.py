@@ -45,6 +45,26 @@ def token_budget_batches(
     return batches
 
 
+def split_to_budget(batch: Sequence[int], lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """`batch` cut into consecutive pieces whose rows x longest row stays under `max_tokens` (a row over it alone).
+
+    Rows keep their order, so a batch from `token_budget_batches` (ascending lengths) splits with the least padding.
+    """
+    pieces: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for i in batch:
+        wider = max(longest, lengths[i])
+        if current and (len(current) + 1) * wider > max_tokens:
+            pieces.append(current)
+            current, wider = [], lengths[i]
+        current.append(i)
+        longest = wider
+    if current:
+        pieces.append(current)
+    return pieces
+
+
 def padded_batch(examples: Sequence[TokenizedExample], pad_token_id: int, multiple_of: int = 1) -> dict[str, Any]:
     """Right-padded to the longest row (rounded up to `multiple_of`), padding masked out of attention and loss."""
     import torch

@@ -9,6 +9,8 @@ from typing import Literal
 
 Task = Literal["instruction", "text-generation"]
 ROLES = ("system", "user", "assistant")
+# Where an image sits in a message's text (LLaVA's convention); images without one go to the first user turn.
+IMAGE_PLACEHOLDER = "<image>"
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,8 @@ class Example:
 
     Conversations (`messages`) train on assistant turns only. Text examples (`text`) train on all of
     `text`; an optional `prompt` is context that precedes it without being trained on (completion data).
-    `images` are absolute paths, referenced in order by the conversation (vision data).
+    `images` are absolute paths (or `data:` URLs), in the order of the conversation's IMAGE_PLACEHOLDERs
+    (vision data); a conversation without placeholders shows them all at the start of its first user turn.
     """
 
     format: str

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llmbox_engine.data.canonical import Example, Message, Origin
+from llmbox_engine.data.canonical import IMAGE_PLACEHOLDER, Example, Message, Origin
+from llmbox_engine.data.images import resolve_image
 
 
 class RecordError(ValueError):
@@ -90,20 +91,69 @@ def _checked_conversation(messages: list[Message], fmt: str) -> tuple[Message, .
     return tuple(messages)
 
 
-def _content_text(content: Any, where: str) -> str:
-    """Message content: a string, or OpenAI-style parts of which the text parts are kept."""
+def _image(ref: Any, ctx: RecordContext, where: str) -> str:
+    """A checked image reference: a path relative to the data file (or absolute), or a data URL."""
+    if not isinstance(ref, str) or not ref.strip():
+        raise RecordError(f"{where}: an image must be a path or a data: URL, got {_json_type(ref)}")
+    try:
+        return resolve_image(ref, ctx.base_dir)
+    except ValueError as exc:
+        raise RecordError(f"{where}: {exc}" if where else str(exc)) from None
+
+
+def _image_part_ref(part: Mapping[str, Any], where: str) -> Any:
+    """OpenAI's {"type": "image_url", "image_url": {"url": ...}} or {"type": "image", "image": path}."""
+    if part.get("type") == "image_url":
+        inner = part.get("image_url")
+        return inner.get("url") if isinstance(inner, dict) else inner
+    for key in ("image", "url", "path"):
+        if key in part:
+            return part[key]
+    raise RecordError(f"{where}: an image part needs 'image' (a path) or 'image_url': {{'url': ...}}")
+
+
+def _content_text(content: Any, where: str, ctx: RecordContext, images: list[str]) -> str:
+    """Message content: a string, or OpenAI-style parts; each image part becomes an IMAGE_PLACEHOLDER."""
     if isinstance(content, str):
         return content
     if isinstance(content, list) and all(isinstance(p, dict) for p in content):
-        kinds = {p.get("type") for p in content}
-        if kinds - {"text"}:
-            raise RecordError(f"{where}: content parts of type {sorted(kinds - {'text'})} need a vision model")
-        return "".join(str(p.get("text", "")) for p in content)
+        pieces = []
+        for part in content:
+            kind = part.get("type")
+            if kind == "text":
+                pieces.append(str(part.get("text", "")))
+            elif kind in ("image_url", "image"):
+                images.append(_image(_image_part_ref(part, where), ctx, where))
+                pieces.append(IMAGE_PLACEHOLDER)
+            else:
+                raise RecordError(f"{where}: content parts of type {kind!r} are not supported (text, image_url, image)")
+        return "".join(pieces)
     raise RecordError(f"{where}: 'content' must be a string, got {_json_type(content)}")
+
+
+def _checked_images(messages: list[Message], images: list[str], fmt: str) -> tuple[str, ...]:
+    """Images only in user turns, one placeholder per image (or none: then they lead the first user turn)."""
+    placed = sum(m.content.count(IMAGE_PLACEHOLDER) for m in messages)
+    if placed and placed != len(images):
+        raise RecordError(f"{placed} {IMAGE_PLACEHOLDER} placeholder(s) for {len(images)} image(s) ({fmt} format)")
+    for i, message in enumerate(messages, start=1):
+        if message.role != "user" and IMAGE_PLACEHOLDER in message.content and images:
+            raise RecordError(f"turn {i}: images may only be in user turns ({fmt} format)")
+    return tuple(images)
+
+
+def _record_images(record: Mapping[str, Any], ctx: RecordContext) -> list[str]:
+    """LLaVA-style ShareGPT: `"image": "x.jpg"` (or a list) beside the conversation."""
+    value = record.get("image", record.get("images"))
+    if value is None:
+        return []
+    refs = value if isinstance(value, list) else [value]
+    return [_image(ref, ctx, "") for ref in refs]
 
 
 def _sharegpt(record: Mapping[str, Any], ctx: RecordContext) -> Example:
     turns = _field(record, "conversations", list, "sharegpt")
+    images = _record_images(record, ctx)
     messages = []
     for i, turn in enumerate(turns, start=1):
         if not isinstance(turn, dict):
@@ -117,14 +167,16 @@ def _sharegpt(record: Mapping[str, Any], ctx: RecordContext) -> Example:
             raise RecordError(
                 f"conversations turn {i}: unknown speaker {speaker!r} (expected one of {sorted(SHAREGPT_ROLES)})"
             )
-        messages.append(Message(role, _content_text(value, f"conversations turn {i}")))
+        messages.append(Message(role, _content_text(value, f"conversations turn {i}", ctx, images)))
     if not messages:
         raise RecordError("field 'conversations' is empty (sharegpt format)")
-    return Example("sharegpt", ctx.origin, messages=_checked_conversation(messages, "sharegpt"))
+    checked = _checked_conversation(messages, "sharegpt")
+    return Example("sharegpt", ctx.origin, messages=checked, images=_checked_images(messages, images, "sharegpt"))
 
 
 def _openai(record: Mapping[str, Any], ctx: RecordContext) -> Example:
     raw = _field(record, "messages", list, "openai")
+    images: list[str] = []
     messages = []
     for i, item in enumerate(raw, start=1):
         if not isinstance(item, dict):
@@ -135,10 +187,11 @@ def _openai(record: Mapping[str, Any], ctx: RecordContext) -> Example:
             raise RecordError(f"messages[{i}]: missing field {missing!r} (openai format)")
         if role not in ("system", "user", "assistant"):
             raise RecordError(f"messages[{i}]: unknown role {role!r} (expected system, user or assistant)")
-        messages.append(Message(role, _content_text(item["content"], f"messages[{i}]")))
+        messages.append(Message(role, _content_text(item["content"], f"messages[{i}]", ctx, images)))
     if not messages:
         raise RecordError("field 'messages' is empty (openai format)")
-    return Example("openai", ctx.origin, messages=_checked_conversation(messages, "openai"))
+    checked = _checked_conversation(messages, "openai")
+    return Example("openai", ctx.origin, messages=checked, images=_checked_images(messages, images, "openai"))
 
 
 def _qa_answer(record: Mapping[str, Any]) -> str:
@@ -176,12 +229,7 @@ DEFAULT_CAPTION_PROMPT = "Describe this image."
 
 
 def _vision(record: Mapping[str, Any], ctx: RecordContext) -> Example:
-    image = _text(record, "image", "vision")
-    path = Path(image).expanduser()
-    if not path.is_absolute():
-        path = ctx.base_dir / path
-    if not path.is_file():
-        raise RecordError(f"image not found: {path}")
+    image = _image(_text(record, "image", "vision"), ctx, "")
     if "caption" in record:
         question, answer = DEFAULT_CAPTION_PROMPT, _text(record, "caption", "vision")
     elif "question" in record:
@@ -189,7 +237,7 @@ def _vision(record: Mapping[str, Any], ctx: RecordContext) -> Example:
     else:
         raise RecordError("missing field 'caption' (vision format: image + caption, or image + question + answer)")
     messages = (Message("user", question), Message("assistant", answer))
-    return Example("vision", ctx.origin, messages=messages, images=(str(path.resolve()),))
+    return Example("vision", ctx.origin, messages=messages, images=(image,))
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,17 @@ def token_statistics(examples: Sequence[Example], model_dir: Path, max_seq_lengt
     config = read_config(model_dir)
     handler = match_handler(config).handler
     limit = max_seq_length or min(handler.max_seq_length, max_positions(config) or handler.max_seq_length)
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    renderer = Renderer(tokenizer, chat_template_for(tokenizer, handler.chat_template), limit)
-    stats = render_stats(renderer.tokenize(examples))
+    if any(e.images for e in examples) and handler.takes_images(config):
+        from transformers import AutoProcessor
+
+        from llmbox_engine.data.render_vision import VisionRenderer
+
+        processor = AutoProcessor.from_pretrained(str(model_dir))
+        stats = render_stats(VisionRenderer(processor, None, limit).tokenize(examples))
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        renderer = Renderer(tokenizer, chat_template_for(tokenizer, handler.chat_template), limit)
+        stats = render_stats(renderer.tokenize(examples))
     return {"model": str(model_dir), "handler": handler.name, "max_seq_length": limit, **stats.summary()}
 
 
@@ -39,6 +47,10 @@ def build_report(result: IngestResult, tokens: dict[str, Any] | None = None) -> 
         "skipped_records": result.skipped,
         "images": result.images,
     }
+    if result.images:
+        from llmbox_engine.data.images import image_statistics
+
+        report["image_sizes"] = image_statistics(ref for e in result.examples for ref in e.images)
     if result.skipped_reasons:
         report["skipped_examples"] = result.skipped_reasons
     if tokens is not None:
@@ -64,6 +76,12 @@ def print_report(report: dict[str, Any]) -> None:
         f"duplicates removed: {report['duplicates_removed']}, bad records skipped: {report['skipped_records']}"
         + (f", images: {report['images']}" if report["images"] else "")
     )
+    sizes = report.get("image_sizes")
+    if sizes:
+        console.print(
+            f"images: {sizes['images']} distinct, from {sizes['min_size']} to {sizes['max_size']} pixels "
+            f"(width {sizes['min_width']}-{sizes['max_width']}, height {sizes['min_height']}-{sizes['max_height']})"
+        )
     for reason in report.get("skipped_examples", []):
         console.print(f"  skipped: {reason}", style="yellow")
     tokens = report.get("tokens")

@@ -10,6 +10,10 @@ Adapters. The base model and LoRA adapters share one batch: peft's mixed-batch f
 each row's adapter. A request is pinned, when admitted, to the adapter current at that moment. A hot-reloaded
 adapter is loaded under a new peft name between two steps and becomes current for requests admitted from then
 on; requests already running finish on the adapter they started with, which is deleted once none uses it.
+
+Images. A prompt with images (multimodal models) is prefilled on its own, with its pixel values (and Gemma 3's
+token types), never mixed into another prefill: the vision tower runs once, for that prompt alone. After the
+prefill its image is in the KV cache, and its rows decode in the shared batch like any text row.
 """
 
 from __future__ import annotations
@@ -81,6 +85,7 @@ class Job:
     stop: tuple[str, ...] = ()
     use_adapter: bool = False
     cancelled: threading.Event = field(default_factory=threading.Event)
+    vision_inputs: list[dict[str, Any]] = field(default_factory=list)  # per prompt, for prompts with images
 
     def cancel(self) -> None:
         """Stop generating for this job (a client that went away); safe from any thread, at any time."""
@@ -126,6 +131,7 @@ class _Sequence:
     last_token: int = -1
     position: int = 0  # position id of `last_token`, fed at the next step
     finished: bool = False
+    vision: dict[str, Any] | None = None  # the prompt's pixel values (and token types), prefilled alone
 
 
 @dataclass
@@ -192,6 +198,7 @@ class GenerationWorker:
                 max_tokens=job.max_tokens[p],
                 generator=make_generator(job.sampling, p * job.n + k, self.loaded.device),
                 text=TextTracker(self.loaded.tokenizer, job.stop),
+                vision=job.vision_inputs[p] if job.vision_inputs else None,
             )
             for p, prompt in enumerate(job.prompts)
             for k in range(job.n)
@@ -345,6 +352,8 @@ class GenerationWorker:
         with self._lock:
             while room > 0 and self._waiting:
                 seq = self._waiting[0]
+                if admitted and not _prefill_together(admitted[0], seq):
+                    break
                 longest_after = max(longest, len(seq.prompt))
                 if admitted and longest_after * (len(admitted) + 1) > PREFILL_TOKEN_BUDGET:
                     break
@@ -391,7 +400,7 @@ class GenerationWorker:
             mask[row, width - len(prompt) :] = 1
         ids, mask = ids.to(device), mask.to(device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits, cache = self._forward(ids, mask, positions, None, adapters)
+        logits, cache = self._forward(ids, mask, positions, None, adapters, seqs[0].vision)
         expand = [rows[(id(s.request), s.prompt_index)] for s in seqs]
         if expand != list(range(len(prompts))):
             index = torch.tensor(expand, dtype=torch.long, device=device)
@@ -427,12 +436,20 @@ class GenerationWorker:
         self._remove_finished()
 
     def _forward(
-        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any, adapters: list[str | None]
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        cache: Any,
+        adapters: list[str | None],
+        vision: dict[str, Any] | None = None,
     ) -> tuple[torch.Tensor, Any]:
         inputs: dict[str, Any] = {
             "input_ids": ids, "attention_mask": mask, "position_ids": positions, self.loaded.cache_argument: cache,
             "use_cache": True,
         }  # fmt: skip
+        if vision is not None:  # one image prompt, prefilled alone: no padding to line its token types up with
+            inputs.update({name: value.to(self.loaded.device) for name, value in vision.items()})
         if self.loaded.keeps_logits:
             inputs["logits_to_keep"] = 1
         if self.peft is None:
@@ -533,3 +550,10 @@ class GenerationWorker:
         self._running = None
         for seq in [*running, *waiting]:
             self._fail(seq.request, message)
+
+
+def _prefill_together(first: _Sequence, other: _Sequence) -> bool:
+    """Text prompts share a prefill; a prompt with images goes alone (with its own n copies)."""
+    if first.vision is None and other.vision is None:
+        return True
+    return other.request is first.request and other.prompt_index == first.prompt_index

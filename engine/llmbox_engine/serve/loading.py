@@ -40,6 +40,7 @@ class LoadedModel:
     linear_shapes: dict[str, tuple[int, int]]  # module path -> (in_features, out_features), to check adapters
     cache_argument: str = "cache"  # the forward argument (and output field) of the KV cache
     keeps_logits: bool = True  # forward takes `logits_to_keep` (a prompt's logits are then one row, not one per token)
+    processor: Any = None  # multimodal models: the HTTP side's AutoProcessor, for requests with images
 
 
 def forward_parameters(model: Any) -> set[str]:
@@ -62,7 +63,13 @@ def load_model(model_path: Path, dtype_name: str = "auto", trust_remote_code: bo
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     dtype = pick_dtype(dtype_name, device)
     tokenizer = load_tokenizer(model_path, trust_remote_code)
-    model: Any = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=dtype, trust_remote_code=trust_remote_code)
+    vision = handler.takes_images(config)
+    auto_class: Any = AutoModelForCausalLM
+    if vision:
+        from transformers import AutoModelForImageTextToText
+
+        auto_class = AutoModelForImageTextToText
+    model: Any = auto_class.from_pretrained(str(model_path), dtype=dtype, trust_remote_code=trust_remote_code)
     model.to(device)
     model.eval()
     model.config.use_cache = True
@@ -93,4 +100,11 @@ def load_model(model_path: Path, dtype_name: str = "auto", trust_remote_code: bo
         # transformers 5 renamed `past_key_values` to `cache`: take whichever this version's forward has
         cache_argument="cache" if "cache" in forward_parameters(model) else "past_key_values",
         keeps_logits="logits_to_keep" in forward_parameters(model),
+        processor=_processor(model_path, trust_remote_code) if vision else None,
     )
+
+
+def _processor(model_path: Path, trust_remote_code: bool) -> Any:
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(str(model_path), trust_remote_code=trust_remote_code)

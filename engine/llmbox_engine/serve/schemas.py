@@ -23,9 +23,21 @@ class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
 
+class ImageUrl(_Strict):
+    url: str
+    detail: str | None = None
+
+
 class TextPart(_Strict):
+    """A content part: text, or (for vision models) an `image_url` whose `url` is a data URL or a path."""
+
     type: str
     text: str | None = None
+    image_url: ImageUrl | str | None = None
+
+    @property
+    def url(self) -> str | None:
+        return self.image_url.url if isinstance(self.image_url, ImageUrl) else self.image_url
 
 
 class Message(_Strict):
@@ -43,6 +55,10 @@ class Message(_Strict):
                 raise bad_request(f"only text content parts are supported, not {part.type!r}", f"{param}.content")
             texts.append(part.text)
         return "".join(texts)
+
+    @property
+    def has_images(self) -> bool:
+        return isinstance(self.content, list) and any(p.type == "image_url" for p in self.content)
 
 
 class StreamOptions(_Strict):
@@ -84,6 +100,10 @@ class ChatRequest(_Sampling):
     @property
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def has_images(self) -> bool:
+        return any(m.has_images for m in self.messages)
 
     def conversation(self) -> list[dict[str, str]]:
         # "developer" is the newer name of "system"; chat templates only know the older one

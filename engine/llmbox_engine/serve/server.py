@@ -19,6 +19,7 @@ from llmbox_engine.host_view import host_path, model_name
 from llmbox_engine.serve.adapters import AdapterError, AdapterFiles, AdapterWatcher, read_adapter, signature
 from llmbox_engine.serve.app import MAX_BODY_BYTES, create_app
 from llmbox_engine.serve.generation import AdapterMeta, GenerationWorker
+from llmbox_engine.serve.images import ImagePolicy
 from llmbox_engine.serve.loading import LoadedModel, load_model
 from llmbox_engine.serve.service import Service
 
@@ -41,6 +42,7 @@ class ServeConfig:
     trust_remote_code: bool = False
     poll_interval: float = 1.0
     max_body_bytes: int = MAX_BODY_BYTES
+    image_dir: Path | None = None  # chat requests may name image files under it (else data URLs only)
 
 
 def say(message: str) -> None:
@@ -61,7 +63,7 @@ def run_server(config: ServeConfig) -> None:
             file=sys.stderr,
             flush=True,
         )
-    service = Service(model_name(config.model_path))
+    service = Service(model_name(config.model_path), ImagePolicy(config.image_dir))
     app = create_app(service, config.api_key, config.max_body_bytes)
     server = uvicorn.Server(
         uvicorn.Config(

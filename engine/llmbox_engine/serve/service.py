@@ -14,10 +14,12 @@ from typing import Any
 
 from llmbox_engine.serve.errors import ApiError, bad_request, model_not_found
 from llmbox_engine.serve.generation import Event, GenerationWorker, Job
+from llmbox_engine.serve.images import ImagePolicy
 from llmbox_engine.serve.loading import LoadedModel
 from llmbox_engine.serve.prompts import PromptBuilder
 from llmbox_engine.serve.sampling import SamplingParams
 from llmbox_engine.serve.schemas import ChatRequest, CompletionRequest
+from llmbox_engine.serve.vision import VisionPromptBuilder
 
 ADAPTER_SUFFIX = ":lora"
 
@@ -27,10 +29,12 @@ class Attached:
     loaded: LoadedModel
     worker: GenerationWorker
     prompts: PromptBuilder
+    vision: VisionPromptBuilder | None = None  # multimodal models: chat requests with images
 
 
 class Service:
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, images: ImagePolicy | None = None) -> None:
+        self.images = images or ImagePolicy()
         self.base_id = name
         self.adapter_id = f"{name}{ADAPTER_SUFFIX}"
         self.started = int(time.time())
@@ -40,7 +44,8 @@ class Service:
         prompts = PromptBuilder(
             loaded.prompt_tokenizer, loaded.fallback_template, loaded.context_length, loaded.vocab_size
         )
-        self.attached = Attached(loaded, worker, prompts)
+        vision = VisionPromptBuilder(loaded.processor, self.images, prompts) if loaded.processor is not None else None
+        self.attached = Attached(loaded, worker, prompts, vision)
 
     @property
     def ready(self) -> bool:
@@ -114,6 +119,14 @@ class Service:
     def chat_job(self, request: ChatRequest, sink: Callable[[Event], None]) -> Job:
         parts = self._parts()
         use_adapter = self.resolve(request.model)
+        if request.has_images:
+            if parts.vision is None:
+                raise bad_request(f"{self.base_id} is a text-only model: it does not take images", "messages")
+            prompt, vision_inputs = parts.vision.chat(request)
+            budget = parts.prompts.completion_budget(len(prompt), request.token_limit)
+            job = self._job(request, [prompt], [budget], use_adapter, sink)
+            job.vision_inputs = [vision_inputs]
+            return job
         prompt = parts.prompts.chat(request.conversation())
         budget = parts.prompts.completion_budget(len(prompt), request.token_limit)
         return self._job(request, [prompt], [budget], use_adapter, sink)

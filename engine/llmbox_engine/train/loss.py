@@ -16,6 +16,9 @@ from torch.utils.checkpoint import checkpoint
 
 from llmbox_engine.data.render import IGNORE_INDEX
 
+# what the backbone reads from a batch: the token fields, and a vision batch's pixels and token types
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "pixel_values", "token_type_ids")
+
 
 def split_head(model: Any) -> tuple[Any, Any, float | None]:
     """(backbone, output head, logit soft-cap) of a causal LM, unwrapping peft."""
@@ -38,7 +41,7 @@ def loss_sum(
 ) -> tuple[torch.Tensor, int]:
     """Summed token loss over the batch's targets, and how many targets there were."""
     backbone, head, softcap = split_head(model)
-    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+    inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
     hidden = backbone(**inputs, use_cache=False).last_hidden_state
     targets = batch["labels"][:, 1:]
     selected = targets != IGNORE_INDEX

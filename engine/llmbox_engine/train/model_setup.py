@@ -51,9 +51,11 @@ def load_base_model(
     attention: str,
     device: str,
     trust_remote_code: bool = False,
+    vision: bool = False,
 ) -> Any:
+    """The base model; `vision`: an image-text-to-text model (Gemma 3, LLaVA) with its vision tower."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     dtype = getattr(torch, TORCH_DTYPES[precision])
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attention, "trust_remote_code": trust_remote_code}
@@ -71,7 +73,8 @@ def load_base_model(
         else:
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         kwargs["device_map"] = {"": torch.cuda.current_device()}
-    model: Any = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+    auto_class: Any = AutoModelForImageTextToText if vision else AutoModelForCausalLM
+    model: Any = auto_class.from_pretrained(str(model_dir), **kwargs)
     if "quantization_config" not in kwargs:
         model.to(device)
     model.config.use_cache = False  # training: a KV cache is wasted memory, and it disables packed-sequence masks
@@ -84,11 +87,13 @@ def wrap_lora(
     r: int,
     alpha: int,
     dropout: float,
-    target_modules: tuple[str, ...] | None,
+    target_modules: tuple[str, ...] | str | None,
     gradient_checkpointing: bool,
     quantized: bool,
 ) -> Any:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    from llmbox_engine.train.shared_dropout import share_lora_dropout
 
     if quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
@@ -100,8 +105,13 @@ def wrap_lora(
         lora_alpha=alpha,
         lora_dropout=dropout,
         # None: every linear layer but the output head, peft's own rule for it
-        target_modules=list(target_modules) if target_modules else "all-linear",
+        # a string: a regex over whole module paths (vision models: the language model's layers only)
+        target_modules=(target_modules if isinstance(target_modules, str) else list(target_modules))
+        if target_modules
+        else "all-linear",
         task_type="CAUSAL_LM",
         bias="none",
     )
-    return get_peft_model(model, config)
+    model = get_peft_model(model, config)
+    share_lora_dropout(model, dropout)
+    return model

@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import math
 import time
@@ -39,7 +40,7 @@ from llmbox.model_facts import max_positions, read_config
 from llmbox.plan import PlanFlags, TrainingPlan, plan
 from llmbox_engine import host_view
 from llmbox_engine.atomic import staged_dir
-from llmbox_engine.data.batching import packed_batch, padded_batch, token_budget_batches
+from llmbox_engine.data.batching import packed_batch, padded_batch, split_to_budget, token_budget_batches
 from llmbox_engine.data.canonical import Example
 from llmbox_engine.data.ingest import IngestResult, load_examples
 from llmbox_engine.data.render import Renderer, TokenizedExample, chat_template_for, render_stats
@@ -65,6 +66,7 @@ from llmbox_engine.train.model_setup import (
 from llmbox_engine.train.schedule import learning_rate_at
 from llmbox_engine.train.signals import GracefulStop
 from llmbox_engine.train.state import Progress, load_training_state, restore_rng, save_training_state
+from llmbox_engine.train.vision import VisionTraining, is_vision_model
 from llmbox_handlers import Handler, match_handler
 
 # Without a validation set, a small training set is re-evaluated in eval mode (no dropout) instead.
@@ -146,13 +148,20 @@ class LoraRecipe:
             skip_bad_records=o.skip_bad_records,
             seed=o.seed,
         )
-        if self.ingest.images:
+        self.vision: VisionTraining | None = None  # multimodal models train through their processor, text too
+        if self.ingest.images and not is_vision_model(self.config, self.handler):
             raise UserError(f"{self.ingest.images} records carry images: {o.model_name} is a text-only model")
+        if is_vision_model(self.config, self.handler):
+            self.vision = VisionTraining(o.model_path, self.handler, o.trust_remote_code)
+            self.tokenizer = self.vision.tokenizer
         limit = o.flags.max_seq_length or min(
             self.handler.max_seq_length, max_positions(self.config) or self.handler.max_seq_length
         )
         template = chat_template_for(self.tokenizer, self.handler.chat_template)
-        self.tokenized = Renderer(self.tokenizer, template, limit).tokenize(self.ingest.examples)
+        if self.vision is not None:
+            self.tokenized: list[TokenizedExample] = [*self.vision.tokenize(self.ingest.examples, limit)]
+        else:
+            self.tokenized = Renderer(self.tokenizer, template, limit).tokenize(self.ingest.examples)
         stats = render_stats(self.tokenized)
         self.data_facts = DataFacts(
             n_train=len(self.tokenized),
@@ -167,6 +176,8 @@ class LoraRecipe:
         o = self.options
         gpus = read_gpu_facts() if torch.cuda.is_available() else []
         self.plan: TrainingPlan = plan(self.model_facts, gpus, self.data_facts, o.flags, read_host_facts())
+        if self.vision is not None:
+            self.plan = self.vision.modest_batches(self.plan)
         self.resume_state: dict[str, Any] | None = None
         resume_dir = o.resume_from or (self.checkpoints / "last" if o.resume else None)
         if resume_dir is not None:
@@ -186,7 +197,10 @@ class LoraRecipe:
             return
         if self.plan.optimizer in ("adamw_bnb_8bit", "paged_adamw_8bit"):
             require_bitsandbytes(f"--optimizer {self.plan.optimizer}")
-        tokenized = self._truncated(self.tokenized, self.plan.max_seq_length)
+        if self.vision is not None:
+            tokenized = self.vision.truncated(self.tokenized, self.plan.max_seq_length)
+        else:
+            tokenized = self._truncated(self.tokenized, self.plan.max_seq_length)
         self.train_set, self.val_set = split_examples(tokenized, self.plan.n_val, self.plan.seed)
         self.val_examples = self._held_out_examples()
         truncated = sum(t.truncated for t in tokenized)
@@ -218,7 +232,7 @@ class LoraRecipe:
         attention = attention_implementation(p.device, self.handler.supports_flash_attention)
         # flash-attention's varlen kernels keep packed examples apart at no cost; SDPA would need a dense
         # block-diagonal mask over the whole row, slower than the padding it saves
-        self.packed = attention == "flash_attention_2"
+        self.packed = attention == "flash_attention_2" and self.vision is None
         base = load_base_model(
             self.options.model_path,
             precision=p.precision,
@@ -227,6 +241,7 @@ class LoraRecipe:
             attention=attention,
             device=str(self.device),
             trust_remote_code=self.options.trust_remote_code,
+            vision=self.vision is not None,
         )
         torch.manual_seed(p.seed)  # LoRA's A matrices: the same seed gives the same start
         self.model = wrap_lora(
@@ -234,7 +249,7 @@ class LoraRecipe:
             r=p.lora_r,
             alpha=p.lora_alpha,
             dropout=p.lora_dropout,
-            target_modules=p.target_modules,
+            target_modules=self.vision.lora_targets(p.target_modules) if self.vision else p.target_modules,
             gradient_checkpointing=p.gradient_checkpointing,
             quantized=p.load_in_4bit or p.load_in_8bit,
         )
@@ -296,13 +311,16 @@ class LoraRecipe:
 
     def epoch_batches(self, epoch: int, batch_size: int) -> list[list[int]]:
         """The micro-batches of one epoch: a pure function of (seed, epoch, batch size), so resume can rebuild it."""
-        lengths = [len(t) for t in self.train_set]
         return token_budget_batches(
-            lengths,
+            self.train_lengths,
             max_tokens=batch_size * self.plan.max_seq_length,
             max_batch_size=batch_size,
             seed=self.plan.seed + epoch,
         )
+
+    @functools.cached_property
+    def train_lengths(self) -> list[int]:
+        return [len(t) for t in self.train_set]
 
     def _schedule_steps(self) -> int | None:
         """The learning-rate schedule's length, fixed at the start so a resumed run keeps the same curve.
@@ -385,9 +403,11 @@ class LoraRecipe:
         out.console.print(
             f"out of memory on {where}: retrying with micro-batch {batch} x {accumulation} accumulation", style="yellow"
         )
+        forward_tokens = max(self.plan.max_seq_length, self.plan.max_forward_tokens // 2)
         self.plan = dataclasses.replace(
-            self.plan, batch_size=batch, gradient_accumulation_steps=accumulation, max_batch_size=batch
-        )
+            self.plan, batch_size=batch, gradient_accumulation_steps=accumulation, max_batch_size=batch,
+            max_forward_tokens=forward_tokens,
+        )  # fmt: skip
         self.progress.batch_size = batch
 
     def _final_evaluation(self, steps_since_eval: int, loss_since_eval: float, reason: str) -> str:
@@ -398,7 +418,9 @@ class LoraRecipe:
     def _optimizer_step(self, group: list[list[int]]) -> float:
         """One optimizer step over `group` micro-batches; each target token weighs the same."""
         p, prog = self.plan, self.progress
-        batches = [self._collate([self.train_set[i] for i in ids]) for ids in group]
+        lengths = self.train_lengths
+        passes = [piece for ids in group for piece in split_to_budget(ids, lengths, p.max_forward_tokens)]
+        batches = [self._collate([self.train_set[i] for i in ids]) for ids in passes]
         targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
         lr = learning_rate_at(prog.step, p.learning_rate, prog.schedule_steps)
         lr *= prog.adaptive.lr_scale if prog.adaptive else 1.0
@@ -422,6 +444,8 @@ class LoraRecipe:
         return loss
 
     def _collate(self, examples: list[TokenizedExample]) -> dict[str, torch.Tensor]:
+        if self.vision is not None:
+            return self.vision.collate(examples)
         return packed_batch(examples) if self.packed else padded_batch(examples, self.tokenizer.pad_token_id, 8)
 
     def _accumulate(self, batches: list[dict[str, torch.Tensor]], targets: int) -> float:
@@ -441,7 +465,8 @@ class LoraRecipe:
         self.model.eval()
         total, count = 0.0, 0
         for ids in token_budget_batches([len(t) for t in examples], 4 * self.plan.max_seq_length, 16):
-            batch = padded_batch([examples[i] for i in ids], self.tokenizer.pad_token_id, 8)
+            rows = [examples[i] for i in ids]
+            batch = self.vision.collate(rows) if self.vision else padded_batch(rows, self.tokenizer.pad_token_id, 8)
             summed, n = loss_sum(self.model, {k: v.to(self.device) for k, v in batch.items()})
             total, count = total + float(summed), count + n
         self.model.train()
@@ -594,6 +619,10 @@ class LoraRecipe:
         spread = max(1, len(conversations) // SAMPLE_ANSWERS)  # from across the data, not its first records
         for example in conversations[::spread][:SAMPLE_ANSWERS]:
             prompt_messages = [{"role": m.role, "content": m.content} for m in example.messages[:-1]]
+            if self.vision is not None:
+                reference, answer = example.messages[-1].content, self.vision.answer(self.model, example, self.device)
+                rows.append({"prompt": prompt_messages[-1]["content"], "reference": reference, "answer": answer})
+                continue
             encoded = self.tokenizer.apply_chat_template(
                 prompt_messages,
                 chat_template=template,

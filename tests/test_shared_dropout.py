@@ -1,0 +1,78 @@
+"""LoRA dropout shared by the projections that read the same input: one mask per layer input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmbox_engine.train.model_setup import wrap_lora
+from llmbox_engine.train.shared_dropout import SharedInputDropout
+
+
+def lora_model(path: Path, dropout: float) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path))
+    return wrap_lora(model, r=4, alpha=8, dropout=dropout, target_modules=None, gradient_checkpointing=False,
+                     quantized=False)  # fmt: skip
+
+
+def lora_a_inputs(model: Any, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What each LoRA A matrix of the first layer reads (the input after dropout)."""
+    seen: dict[str, torch.Tensor] = {}
+    layer = model.get_base_model().model.layers[0]
+    hooks = []
+
+    def keep(projection: str) -> Any:
+        def hook(_module: Any, args: tuple[torch.Tensor, ...], _output: Any) -> None:  # None: output unchanged
+            seen.setdefault(projection, args[0])
+
+        return hook
+
+    for name, module in layer.named_modules():
+        if name.endswith("lora_A.default"):
+            hooks.append(module.register_forward_hook(keep(name.split(".")[-3])))
+    model(input_ids=ids)
+    for hook in hooks:
+        hook.remove()
+    return seen
+
+
+def test_sibling_projections_share_one_dropped_input(tiny_llama: Path) -> None:
+    model = lora_model(tiny_llama, dropout=0.5)
+    dropouts = {id(m) for m in model.modules() if isinstance(m, SharedInputDropout)}
+    assert len(dropouts) == 1  # one module for every LoRA layer
+    model.train()
+    torch.manual_seed(0)
+    seen = lora_a_inputs(model, torch.randint(0, 100, (2, 16)))
+    assert seen["q_proj"] is seen["k_proj"] is seen["v_proj"]  # one mask for the attention input
+    assert seen["gate_proj"] is seen["up_proj"]  # and one for the MLP input
+    assert seen["o_proj"] is not seen["q_proj"] and seen["down_proj"] is not seen["gate_proj"]
+    zeros = float((seen["q_proj"] == 0).float().mean())
+    assert 0.4 < zeros < 0.6  # still dropout at the planned rate
+
+
+def test_eval_mode_and_gradients(tiny_llama: Path) -> None:
+    model = lora_model(tiny_llama, dropout=0.3)
+    ids = torch.randint(0, 100, (2, 12))
+    model.eval()
+    with torch.no_grad():
+        seen = lora_a_inputs(model, ids)
+    assert not (seen["q_proj"] == 0).any()  # eval: the input as it is
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+    model.train()
+    with torch.no_grad():  # B starts at zero, which would leave A without a gradient
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_()
+    model(input_ids=ids).logits.float().pow(2).mean().backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_A" in n]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)  # every A learns through the share
+
+
+def test_no_dropout_means_no_shared_module(tiny_llama: Path) -> None:
+    model = lora_model(tiny_llama, dropout=0.0)
+    assert not any(isinstance(m, SharedInputDropout) for m in model.modules())
