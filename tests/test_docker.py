@@ -206,3 +206,30 @@ def test_ctrl_c_stops_the_train_container_which_saves_its_adapter(
     left = subprocess.run(["docker", "ps", "-aq", "--filter", f"ancestor={cpu_image}"], capture_output=True,
                           text=True, check=True)  # fmt: skip
     assert left.stdout.strip() == ""  # stopped and removed
+
+
+def test_vision_train_and_serve_in_containers_read_images_from_read_only_mounts(cpu_image: str, tmp_path: Path) -> None:
+    from serve_helpers import running_server
+
+    from tiny_vision_models import build_tiny_vision_model, write_caption_dataset
+
+    env = {"LLMBOX_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1"}
+    model = build_tiny_vision_model("llava", tmp_path / "built")
+    assert run_llmbox("install", str(model), "--name", "seeing", env=env).returncode == 0
+    data = write_caption_dataset(tmp_path / "data")  # image paths relative to captions.json
+    data.write_text(json.dumps([{**r, "caption": "a red circle"} for r in json.loads(data.read_text())]))
+    proc = run_llmbox("train", "seeing", "--runtime", "docker", "--data", str(data), "--epochs", "8", "--force-epochs",
+                      "--learning-rate", "3e-2", "--batch-size", "4", "--validation-split", "0", "--no-tensorboard",
+                      "--skip-test", env=env)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    info = json.loads((tmp_path / "home" / "models" / "seeing" / "lora" / "adapter_info.json").read_text())
+    assert info["handler"] == "llava" and info["data"]["examples"] == 8
+    image = tmp_path / "data" / "images" / "red_circle.png"
+    args = ["seeing", "--runtime", "docker", "--threads", "1", "--image-dir", str(tmp_path / "data")]
+    with running_server(args, tmp_path / "serve.log", host_cli=True, env=env) as server:
+        # the client names the file as it is on the host; the server reads it from its read-only mount
+        message = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"file://{image}"}},
+                                                 {"type": "text", "text": "Describe this image."}]}]  # fmt: skip
+        answer = server.client().chat.completions.create(model="seeing:lora", messages=message, max_tokens=6,
+                                                         temperature=0)  # fmt: skip
+        assert answer.choices[0].message.content.startswith("a red"), answer.choices[0].message.content
