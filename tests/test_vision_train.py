@@ -98,6 +98,16 @@ def test_a_text_only_model_refuses_image_records(tiny_llama: Path, tmp_path: Pat
     assert "records carry images" in proc.stderr + proc.stdout and "text-only model" in proc.stderr + proc.stdout
 
 
+def test_a_length_limit_that_would_cut_an_image_names_the_record(
+    vision_models: Callable[[str], Path], tmp_path: Path
+) -> None:
+    data = write_caption_dataset(tmp_path / "data")  # 16 image tokens early in each prompt
+    proc = run_llmbox("train", str(vision_models("llava")), "--data", str(data), "--runtime", "local",
+                      "--max-seq-length", "8", "--dry-run", env={"HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert f"{data}: record 1:" in proc.stderr and "would split an image" in proc.stderr
+
+
 def test_broken_and_missing_images_name_the_file_and_record(tmp_path: Path) -> None:
     from llmbox_engine.data.ingest import load_examples
 

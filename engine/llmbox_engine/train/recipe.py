@@ -198,7 +198,7 @@ class LoraRecipe:
         if self.plan.optimizer in ("adamw_bnb_8bit", "paged_adamw_8bit"):
             require_bitsandbytes(f"--optimizer {self.plan.optimizer}")
         if self.vision is not None:
-            tokenized = self.vision.truncated(self.tokenized, self.plan.max_seq_length)
+            tokenized = self.vision.truncated(self.tokenized, self.plan.max_seq_length, self.ingest.examples)
         else:
             tokenized = self._truncated(self.tokenized, self.plan.max_seq_length)
         self.train_set, self.val_set = split_examples(tokenized, self.plan.n_val, self.plan.seed)

@@ -45,19 +45,25 @@ class VisionTraining:
     def tokenize(self, examples: Sequence[Example], max_seq_length: int) -> list[VisionExample]:
         return VisionRenderer(self.processor, None, max_seq_length).tokenize(examples)
 
-    def truncated(self, tokenized: Sequence[TokenizedExample], limit: int) -> list[TokenizedExample]:
-        """Cut to the plan's length; an image is never cut (that example is refused, with a way out)."""
+    def truncated(
+        self, tokenized: Sequence[TokenizedExample], limit: int, examples: Sequence[Example]
+    ) -> list[TokenizedExample]:
+        """Cut to the plan's length; an image is never cut (that example is refused, with a way out).
+
+        `examples` are the ones `tokenized` came from, in the same order: an error names the file and record.
+        """
         out: list[TokenizedExample] = []
         image_ids = list(VisionRenderer(self.processor, None, limit).image_ids)
-        for t in tokenized:
+        for t, example in zip(tokenized, examples, strict=True):
             if len(t) <= limit:
                 out.append(t)
                 continue
             if image_ids and np.isin(t.input_ids[limit:], image_ids).any():
                 raise DataError(
-                    "(training data)",
-                    f"an example of {len(t)} tokens is past the planned {limit}-token limit and a cut would split "
+                    example.origin.path,
+                    f"this example has {len(t)} tokens, past the planned {limit}-token limit, and a cut would split "
                     "an image: pass a larger --max-seq-length",
+                    record=example.origin.record,
                 )
             cut = dataclasses.replace(t, input_ids=t.input_ids[:limit], trainable=t.trainable[:limit], truncated=True)
             out.append(cut)
