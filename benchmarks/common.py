@@ -17,6 +17,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 RESULTS = BENCH_DIR / "results"
 README = BENCH_DIR / "README.md"
+PROJECT_README = REPO / "README.md"  # its Performance section shows the same tables
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PACKAGES = ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "tokenizers", "psutil", "numpy")
 
@@ -152,6 +153,13 @@ def replace_between_markers(path: Path, name: str, body: str) -> None:
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     path.write_text(text)
+
+
+def publish_table(name: str, body: str) -> None:
+    """A result table between `name`'s markers in benchmarks/README.md, and in the project README where it has them."""
+    replace_between_markers(README, name, body)
+    if f"<!-- {name}:start -->" in PROJECT_README.read_text():
+        replace_between_markers(PROJECT_README, name, body)
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:

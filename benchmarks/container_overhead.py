@@ -23,12 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from common import (
-    README,
     REPO,
     RESULTS,
     machine_info,
     markdown_table,
-    replace_between_markers,
+    publish_table,
     run_child,
     smollm2_dir,
     versions,
@@ -129,7 +128,7 @@ def main() -> None:
     write_json(args.output, report)
     print(readme_table(report))
     if not args.no_readme:
-        replace_between_markers(README, "container-results", readme_table(report))
+        publish_table("container-results", readme_table(report))
 
 
 if __name__ == "__main__":

@@ -29,11 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from common import (
-    README,
     RESULTS,
     machine_info,
     markdown_table,
-    replace_between_markers,
+    publish_table,
     smollm2_dir,
     versions,
     write_json,
@@ -260,7 +259,7 @@ def main() -> None:
         "versions": versions(),
     }
     write_json(args.output, result)
-    replace_between_markers(README, "serve-results", readme_table(result))
+    publish_table("serve-results", readme_table(result))
     print(f"wrote {args.output}")
 
 

@@ -24,14 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from common import (
-    README,
     RESULTS,
     ChildRun,
     machine_info,
     markdown_table,
     matmul_gflops,
+    publish_table,
     read_json,
-    replace_between_markers,
     run_child,
     smollm2_dir,
     versions,
@@ -375,7 +374,7 @@ def main() -> None:
     write_json(args.output, report)
     plot(table, args.output.with_suffix(".png"), f"LoRA r8 on SmolLM2-135M, fp32, {report['machine']['cpu']}")
     if not args.no_readme:
-        replace_between_markers(README, "train-results", readme_table(report))
+        publish_table("train-results", readme_table(report))
     print(f"ratios: {ratio}\nwrote {args.output} and {args.output.with_suffix('.png')}", flush=True)
 
 
