@@ -58,12 +58,18 @@ def choose_runtime(asked: str) -> str:
     return "local"
 
 
-def container_options(func: Any) -> Any:
-    """Options that only mean something for --runtime docker."""
-    func = click.option("--image", help="The engine image (default: llmbox/engine:cuda with GPUs, :cpu without).")(func)
-    return click.option(
-        "--gpus", help="GPUs for the container: all (default when there are GPUs) or indices like 0,1."
-    )(func)
+def engine_options(func: Any) -> Any:
+    """What `train` and `serve` share: where the engine runs, remote code, and the container's image and GPUs."""
+    for option in reversed([
+        click.option("--runtime", type=click.Choice(RUNTIMES), default="auto", show_default=True,
+                     help="Where the engine runs: a Docker container, or this machine's Python."),
+        click.option("--trust-remote-code", is_flag=True,
+                     help="Run the model repository's own Python code (only if you trust it)."),
+        click.option("--image", help="The engine image (default: llmbox/engine:cuda with GPUs, :cpu without)."),
+        click.option("--gpus", help="GPUs for the container: all (default when there are GPUs) or indices like 0,1."),
+    ]):  # fmt: skip
+        func = option(func)
+    return func
 
 
 def engine_image(image: str | None, gpus: str | None) -> tuple[str, str | None]:
@@ -89,17 +95,7 @@ def engine_image(image: str | None, gpus: str | None) -> tuple[str, str | None]:
 
 @cli.command()
 @click.argument("model")
-@click.option(
-    "--runtime",
-    type=click.Choice(RUNTIMES),
-    default="auto",
-    show_default=True,
-    help="Where the engine runs: a Docker container, or this machine's Python.",
-)
-@click.option(
-    "--trust-remote-code", is_flag=True, help="Run the model repository's own Python code (only if you trust it)."
-)
-@container_options
+@engine_options
 @config_file_option(TRAIN_OPTIONS)
 @with_options(TRAIN_OPTIONS)
 def train(
@@ -152,18 +148,8 @@ def build(cpu: bool, base_image: str | None, tag: str | None) -> None:
 
 @cli.command()
 @click.argument("model")
-@click.option(
-    "--runtime",
-    type=click.Choice(RUNTIMES),
-    default="auto",
-    show_default=True,
-    help="Where the engine runs: a Docker container, or this machine's Python.",
-)
 @click.option("--adapter", type=click.Path(path_type=Path), help="Serve this adapter folder (default: MODEL's lora/).")
-@click.option(
-    "--trust-remote-code", is_flag=True, help="Run the model repository's own Python code (only if you trust it)."
-)
-@container_options
+@engine_options
 @with_options(SERVE_OPTIONS)
 def serve(
     model: str,
