@@ -5,10 +5,12 @@ from __future__ import annotations
 import random
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmbox.errors import DataError, UserError
+from llmbox_engine.data.bulk import gc_paused
 from llmbox_engine.data.canonical import Example, Origin, Task
 from llmbox_engine.data.formats import Format, RecordContext, RecordError, convert_record, format_by_name
 from llmbox_engine.data.hub import read_hub_records
@@ -76,19 +78,19 @@ def load_examples(
     except RecordError as exc:
         raise UserError(str(exc)) from None
     result = IngestResult(examples=[], sources=[])
-    seen: set[str] = set()
+    seen = _Seen()
     for source in resolve_sources(spec):
         report = SourceReport(str(source.path) if isinstance(source, FileSource) else f"hf:{source}")
         result.sources.append(report)
-        for example in _source_examples(source, report, forced, skip_bad_records, result):
-            key = example.content_key()
-            if key in seen:
-                report.duplicates += 1
-                result.duplicates += 1
-                continue
-            seen.add(key)
-            report.formats[example.format] += 1
-            result.examples.append(example)
+        # files make many objects and no cycles; the hub reader's libraries are left their collector
+        with gc_paused() if isinstance(source, FileSource) else nullcontext():
+            for example in _source_examples(source, report, forced, skip_bad_records, result):
+                if not seen.add(example):
+                    report.duplicates += 1
+                    result.duplicates += 1
+                    continue
+                report.formats[example.format] += 1
+                result.examples.append(example)
         if report.records + report.duplicates == 0:
             raise DataError(report.path, f"no usable records ({report.skipped} skipped as bad)")
     if max_examples is not None and len(result.examples) > max_examples:
@@ -97,6 +99,35 @@ def load_examples(
         kept = sorted(random.Random(seed).sample(range(len(result.examples)), max_examples))
         result.examples = [result.examples[i] for i in kept]
     return result
+
+
+class _Seen:
+    """Exact duplicates, found by a hash of the content and confirmed by comparing it.
+
+    Cheaper than `Example.content_key` (no JSON, no digest) and just as exact: the dict keeps the first
+    example of each hash, whose content is compared on a hit; unequal contents with one hash are kept apart.
+    """
+
+    def __init__(self) -> None:
+        self.first: dict[int, Example] = {}
+        self.collided: set[tuple[object, ...]] = set()
+
+    def add(self, example: Example) -> bool:
+        """Whether the example is new; if so it is remembered."""
+        content = _content(example)
+        key = hash(content)
+        first = self.first.setdefault(key, example)
+        if first is example:
+            return True
+        if _content(first) == content or content in self.collided:
+            return False
+        self.collided.add(content)
+        return True
+
+
+def _content(example: Example) -> tuple[object, ...]:
+    # what content_key() serialises, as a tuple: equal exactly when the content keys are equal
+    return tuple((m.role, m.content) for m in example.messages), example.text, example.prompt, example.images
 
 
 def _source_examples(

@@ -34,7 +34,9 @@ def read_records(path: Path) -> Iterator[RawRecord]:
         return
     text = _read_text(path)
     if suffix == ".json":
-        yield from _json(path, text)
+        records = _json(path, text)
+        del text  # the generator's copy is dropped once parsed: the text is as large as the file
+        yield from records
     elif suffix == ".jsonl":
         yield from _jsonl(text)
     elif suffix == ".txt":
@@ -75,14 +77,16 @@ def _json(path: Path, text: str) -> Iterator[RawRecord]:
             yield from _jsonl(text)
             return
         raise DataError(str(path), f"malformed JSON: {exc.msg} (column {exc.colno})", line=exc.lineno) from None
+    del text  # parsed: peak memory need not hold the file twice
     if isinstance(data, dict):
         raise DataError(str(path), "expected a JSON array of records, got a single object")
     if not isinstance(data, list):
         raise DataError(str(path), f"expected a JSON array of records, got {type(data).__name__}")
     if not data:
         raise DataError(str(path), "the JSON array is empty")
-    for i, value in enumerate(data, start=1):
-        yield RawRecord(i, None, value)
+    for i in range(len(data)):
+        value, data[i] = data[i], None  # each record is let go once converted, not at the end of the file
+        yield RawRecord(i + 1, None, value)
 
 
 def _jsonl(text: str) -> Iterator[RawRecord]:

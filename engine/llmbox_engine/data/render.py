@@ -2,9 +2,11 @@
 
 Conversations are rendered once in full; the character span of each assistant turn (content and the
 end-of-turn marker, so the model learns to stop) is found by rendering the prefix before the turn with
-the generation prompt. One batched fast-tokenizer call maps characters to tokens through the offsets,
-so a long conversation is tokenized once, not once per turn. Text examples train on every token and
-end with EOS; completion examples train on the completion only.
+the generation prompt. The template runs once per role signature and is then applied by concatenation
+(`compiled_template`). Batched tokenization maps characters to tokens through the offsets, so a long
+conversation is tokenized once, not once per turn; for byte-level BPE tokenizers the tokens of repeated
+words come from a cache (`token_masks`). Text examples train on every token and end with EOS; completion
+examples train on the completion only.
 """
 
 from __future__ import annotations
@@ -16,7 +18,10 @@ from typing import Any
 import numpy as np
 
 from llmbox.errors import DataError
+from llmbox_engine.data.bulk import gc_paused
 from llmbox_engine.data.canonical import Example
+from llmbox_engine.data.compiled_template import ConversationCompiler
+from llmbox_engine.data.token_masks import encoder_for
 
 IGNORE_INDEX = -100
 Span = tuple[int, int]
@@ -70,6 +75,9 @@ class Renderer:
         self.tokenizer = tokenizer
         self.chat_template = chat_template
         self.max_seq_length = max_seq_length
+        # the template compiled per role signature: most conversations render without jinja
+        self._compiler = ConversationCompiler(self._template, chat_template)
+        self._encoder = encoder_for(tokenizer)
 
     def render(self, example: Example) -> tuple[str, list[Span], bool]:
         """The text to tokenize, the character spans to train on, and whether to add EOS/BOS."""
@@ -80,14 +88,14 @@ class Renderer:
             return prompt + example.text, [(len(prompt), len(prompt) + len(example.text))], True
         return (*self._render_conversation(example), False)
 
+    def _template(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=generation_prompt
+        )
+
     def _apply(self, example: Example, messages: Sequence[Any], generation_prompt: bool) -> str:
         try:
-            return self.tokenizer.apply_chat_template(
-                [{"role": m.role, "content": m.content} for m in messages],
-                chat_template=self.chat_template,
-                tokenize=False,
-                add_generation_prompt=generation_prompt,
-            )
+            return self._template([{"role": m.role, "content": m.content} for m in messages], generation_prompt)
         except Exception as exc:  # jinja's raise_exception() and template errors
             raise DataError(
                 example.origin.path,
@@ -96,6 +104,9 @@ class Renderer:
             ) from None
 
     def _render_conversation(self, example: Example) -> tuple[str, list[Span]]:
+        return self._compiler.render(example.messages, lambda: self._render_with_jinja(example))
+
+    def _render_with_jinja(self, example: Example) -> tuple[str, list[Span]]:
         messages = example.messages
         full = self._apply(example, messages, False)
         spans: list[Span] = []
@@ -128,9 +139,10 @@ class Renderer:
 
     def tokenize(self, examples: Sequence[Example], chunk_size: int = 512) -> list[TokenizedExample]:
         out: list[TokenizedExample] = []
-        for begin in range(0, len(examples), chunk_size):
-            chunk = [self.render(e) for e in examples[begin : begin + chunk_size]]
-            out.extend(self._tokenize_rendered(chunk))
+        with gc_paused():
+            for begin in range(0, len(examples), chunk_size):
+                chunk = [self.render(e) for e in examples[begin : begin + chunk_size]]
+                out.extend(self._tokenize_rendered(chunk))
         return out
 
     def _tokenize_rendered(self, rendered: list[tuple[str, list[Span], bool]]) -> list[TokenizedExample]:
@@ -139,15 +151,12 @@ class Renderer:
             indices = [i for i, r in enumerate(rendered) if r[2] == is_text]
             if not indices:
                 continue
-            encoded = self.tokenizer(
+            encoded = self._encoder.encode(
                 [rendered[i][0] for i in indices],
-                add_special_tokens=is_text,  # chat templates write their own BOS
-                return_offsets_mapping=True,
+                [rendered[i][1] for i in indices],
+                special=is_text,  # chat templates write their own BOS
             )
-            for j, i in enumerate(indices):
-                ids = np.asarray(encoded["input_ids"][j], dtype=np.int32)
-                offsets = np.asarray(encoded["offset_mapping"][j], dtype=np.int64).reshape(-1, 2)
-                trainable = _mask_from_spans(offsets, rendered[i][1])
+            for i, (ids, trainable) in zip(indices, encoded, strict=True):
                 if is_text and self.tokenizer.eos_token_id is not None:
                     ids = np.append(ids, np.int32(self.tokenizer.eos_token_id))
                     trainable = np.append(trainable, True)
@@ -158,14 +167,6 @@ class Renderer:
         if len(ids) <= self.max_seq_length:
             return TokenizedExample(ids, trainable)
         return TokenizedExample(ids[: self.max_seq_length], trainable[: self.max_seq_length], truncated=True)
-
-
-def _mask_from_spans(offsets: np.ndarray, spans: list[Span]) -> np.ndarray:
-    starts, ends = offsets[:, 0], offsets[:, 1]
-    mask = np.zeros(len(offsets), dtype=bool)
-    for s, e in spans:
-        mask |= (ends > s) & (starts < e)
-    return mask
 
 
 def render_stats(tokenized: Sequence[TokenizedExample]) -> RenderStats:
