@@ -49,7 +49,7 @@ $(VENV)/.bench-installed: $(VENV)/.installed pyproject.toml tests/constraints.tx
 	$(PY) -m pip install -q -c tests/constraints.txt -e '.[engine,bench]'
 	touch $@
 
-bench: bench-train bench-ingest
+bench: bench-train bench-ingest bench-serve
 
 bench-train: $(VENV)/.bench-installed
 	$(PY) benchmarks/train_throughput.py $(BENCH_TRAIN_ARGS)
@@ -57,9 +57,13 @@ bench-train: $(VENV)/.bench-installed
 bench-ingest: $(VENV)/.bench-installed
 	$(PY) benchmarks/ingest_throughput.py $(BENCH_INGEST_ARGS)
 
-.PHONY: bench-serve
-bench-serve: venv
+.PHONY: bench-serve bench-container
+bench-serve: $(VENV)/.bench-installed
 	$(PY) benchmarks/serve_throughput.py $(BENCH_ARGS)
+
+# needs a Docker daemon and the CPU image (`llmbox build --cpu`, or the Docker tests' build)
+bench-container: $(VENV)/.bench-installed
+	$(PY) benchmarks/container_overhead.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache demo-run
