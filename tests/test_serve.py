@@ -18,10 +18,11 @@ from serve_helpers import (
     chat,
     copy_adapter,
     copy_model_home,
-    free_port,
     running_server,
     trained_adapter,
 )
+
+from conftest import free_port
 
 KEY = "test-key-123"
 # a 64-wide model gains nothing from threads, and on a busy machine loses a lot waiting for them

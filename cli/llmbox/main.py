@@ -178,13 +178,8 @@ def serve(
 
     chosen, gpus = engine_image(image, gpus)
     mounts = [docker.Mount(home.weights, "/model")]
-    if values.get("image_dir"):
-        # read-only at the same path as on the host, so clients name image files as they see them
-        image_dir = Path(values["image_dir"]).expanduser().resolve()
-        if not image_dir.is_dir():
-            raise UserError(f"--image-dir {values['image_dir']}: no such folder")
-        mounts.append(docker.Mount(image_dir, str(image_dir)))
-        options = to_argv(SERVE_OPTIONS, {**values, "image_dir": str(image_dir)})
+    if values["image_dir"]:  # resolved and checked by click; read-only at the same path, as clients name files
+        mounts.append(docker.Mount(Path(values["image_dir"]), values["image_dir"]))
     adapter_dir = []
     if lora is not None:
         if not lora.parent.is_dir():

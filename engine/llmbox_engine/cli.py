@@ -83,12 +83,12 @@ def train(model_path: Path, trust_remote_code: bool, **values: Any) -> None:
 @with_options(SERVE_OPTIONS)
 def serve(model_path: Path, adapter_dir: Path | None, trust_remote_code: bool, **values: Any) -> None:
     """Serve MODEL_PATH, and its trained adapter, behind an OpenAI-compatible API (what `llmbox serve` runs)."""
+    from llmbox_engine.host_view import model_directory
     from llmbox_engine.serve.server import ServeConfig, run_server
 
     if values["no_lora"] and adapter_dir is not None:
         raise UserError("--no-lora and --adapter-dir contradict each other: give one")
-    # training writes lora/ into the model's directory: beside model/, or into a bare HF folder itself
-    home = model_path.parent if model_path.name == "model" else model_path
+    home = model_directory(model_path)  # where training writes lora/
     run_server(
         ServeConfig(
             model_path=model_path,

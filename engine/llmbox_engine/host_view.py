@@ -16,13 +16,17 @@ MODEL_NAME_ENV = "LLMBOX_MODEL_NAME"
 HOST_PATHS_ENV = "LLMBOX_HOST_PATHS"
 
 
+def model_directory(model_path: Path) -> Path:
+    """Where lora/ and checkpoints/ go: beside an installed model's `model/` weights, or in a bare HF folder."""
+    return model_path.parent if model_path.name == "model" else model_path
+
+
 def model_name(model_path: Path) -> str:
     """The model directory's name (`smollm2-135m`), not its weights folder's (`model`), as training names it."""
     given = os.environ.get(MODEL_NAME_ENV, "").strip()
     if given:
         return given
-    name = model_path.parent.name if model_path.name == "model" else model_path.name
-    return name or "model"
+    return model_directory(model_path).name or "model"
 
 
 def host_path(path: Path | str) -> str:

@@ -48,10 +48,11 @@ class Example:
     def task(self) -> Task:
         return "text-generation" if self.text is not None else "instruction"
 
+    def content(self) -> tuple[object, ...]:
+        """What makes two examples duplicates: equal for exact duplicates, whatever file or format they came from."""
+        return tuple((m.role, m.content) for m in self.messages), self.text, self.prompt, self.images
+
     def content_key(self) -> str:
-        """Identical for exact duplicates, whatever file or format they came from."""
-        payload = json.dumps(
-            [[(m.role, m.content) for m in self.messages], self.text, self.prompt, list(self.images)],
-            ensure_ascii=False,
-        )
+        """`content()` as a stable digest (the same in every process, unlike `hash`)."""
+        payload = json.dumps(self.content(), ensure_ascii=False)
         return hashlib.blake2b(payload.encode(), digest_size=16).hexdigest()

@@ -71,9 +71,13 @@ def verify_image_bytes(data: bytes, what: str) -> tuple[int, int]:
 
 def load_image(ref: str) -> Any:
     """An RGB `PIL.Image` from a path or a data URL (already checked by `resolve_image`)."""
+    return rgb_image(decode_data_url(ref) if is_data_url(ref) else Path(ref).read_bytes())
+
+
+def rgb_image(data: bytes) -> Any:
+    """An encoded image (already verified) decoded to an RGB `PIL.Image`."""
     from PIL import Image
 
-    data = decode_data_url(ref) if is_data_url(ref) else Path(ref).read_bytes()
     with Image.open(io.BytesIO(data)) as image:
         return image.convert("RGB")
 

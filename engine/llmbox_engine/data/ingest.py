@@ -114,20 +114,15 @@ class _Seen:
 
     def add(self, example: Example) -> bool:
         """Whether the example is new; if so it is remembered."""
-        content = _content(example)
+        content = example.content()
         key = hash(content)
         first = self.first.setdefault(key, example)
         if first is example:
             return True
-        if _content(first) == content or content in self.collided:
+        if first.content() == content or content in self.collided:
             return False
         self.collided.add(content)
         return True
-
-
-def _content(example: Example) -> tuple[object, ...]:
-    # what content_key() serialises, as a tuple: equal exactly when the content keys are equal
-    return tuple((m.role, m.content) for m in example.messages), example.text, example.prompt, example.images
 
 
 def _source_examples(

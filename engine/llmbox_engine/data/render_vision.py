@@ -14,9 +14,10 @@ image is 9.6 MB of float32, far too much to hold for a whole dataset.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -60,6 +61,11 @@ def chat_messages(messages: Sequence[Message], n_images: int) -> list[dict[str, 
     return out
 
 
+def image_count(messages: list[dict[str, Any]]) -> int:
+    """How many image parts `chat_messages` placed in these messages."""
+    return sum(1 for m in messages for p in m["content"] if p["type"] == "image")
+
+
 def image_token_ids(processor: Any) -> frozenset[int]:
     tokenizer = processor.tokenizer
     ids = set()
@@ -73,6 +79,24 @@ def image_token_ids(processor: Any) -> frozenset[int]:
     if isinstance(token_id, int):
         ids.add(token_id)
     return frozenset(ids)
+
+
+T = TypeVar("T", bound=TokenizedExample)
+
+
+def cut_to(example: Example, tokenized: T, limit: int, image_ids: frozenset[int]) -> T:
+    """`tokenized` (rendered from `example`) cut to `limit` tokens; an image is never cut: a DataError instead."""
+    ids = tokenized.input_ids
+    if len(ids) <= limit:
+        return tokenized
+    if image_ids and np.isin(ids[limit:], list(image_ids)).any():
+        raise DataError(
+            example.origin.path,
+            f"{len(ids)} tokens with its images, past the {limit}-token limit, and a cut there "
+            "would split an image: shorten the text or raise --max-seq-length",
+            record=example.origin.record,
+        )
+    return dataclasses.replace(tokenized, input_ids=ids[:limit], trainable=tokenized.trainable[:limit], truncated=True)
 
 
 class VisionRenderer:
@@ -115,7 +139,7 @@ class VisionRenderer:
             if message.role != "assistant":
                 continue
             before = messages[:i]
-            shown = sum(1 for m in before for p in m["content"] if p["type"] == "image")
+            shown = image_count(before)
             start = len(self._ids(example, self._text(example, before, True), images[:shown]))
             end = len(ids)
             if i < len(example.messages) - 1:
@@ -126,17 +150,8 @@ class VisionRenderer:
         return self._truncate(example, ids, trainable)
 
     def _truncate(self, example: Example, ids: np.ndarray, trainable: np.ndarray) -> VisionExample:
-        if len(ids) <= self.max_seq_length:
-            return VisionExample(ids, trainable, images=example.images)
-        if self.image_ids and np.isin(ids[self.max_seq_length :], list(self.image_ids)).any():
-            raise DataError(
-                example.origin.path,
-                f"{len(ids)} tokens with its images, past the {self.max_seq_length}-token limit, and a cut there "
-                "would split an image: shorten the text or raise --max-seq-length",
-                record=example.origin.record,
-            )
-        limit = self.max_seq_length
-        return VisionExample(ids[:limit], trainable[:limit], truncated=True, images=example.images)
+        rendered = VisionExample(ids, trainable, images=example.images)
+        return cut_to(example, rendered, self.max_seq_length, self.image_ids)
 
     def tokenize(self, examples: Sequence[Example]) -> list[VisionExample]:
         return [self.render(e) for e in examples]

@@ -11,11 +11,10 @@ Every refusal is a 400 that says which of these applies.
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
-from llmbox_engine.data.images import decode_data_url, is_data_url, verify_image_bytes
+from llmbox_engine.data.images import decode_data_url, is_data_url, rgb_image, verify_image_bytes
 from llmbox_engine.serve.errors import bad_request
 
 MAX_IMAGES_PER_REQUEST = 8
@@ -62,13 +61,10 @@ class ImagePolicy:
 
 
 def _decode(data: bytes, what: str, param: str) -> Any:
-    from PIL import Image
-
     try:
         width, height = verify_image_bytes(data, what)
     except ValueError as exc:
         raise bad_request(f"{param}: {exc}", param) from None
     if width * height > MAX_IMAGE_PIXELS:
         raise bad_request(f"{param}: {what} is {width}x{height} pixels, more than this server takes", param)
-    with Image.open(io.BytesIO(data)) as image:
-        return image.convert("RGB")
+    return rgb_image(data)

@@ -66,7 +66,7 @@ from llmbox_engine.train.model_setup import (
 from llmbox_engine.train.schedule import learning_rate_at
 from llmbox_engine.train.signals import GracefulStop
 from llmbox_engine.train.state import Progress, load_training_state, restore_rng, save_training_state
-from llmbox_engine.train.vision import VisionTraining, is_vision_model
+from llmbox_engine.train.vision import VisionTraining
 from llmbox_handlers import Handler, match_handler
 
 # Without a validation set, a small training set is re-evaluated in eval mode (no dropout) instead.
@@ -148,11 +148,12 @@ class LoraRecipe:
             skip_bad_records=o.skip_bad_records,
             seed=o.seed,
         )
-        self.vision: VisionTraining | None = None  # multimodal models train through their processor, text too
-        if self.ingest.images and not is_vision_model(self.config, self.handler):
+        takes_images = self.handler.takes_images(self.config)
+        if self.ingest.images and not takes_images:
             raise UserError(f"{self.ingest.images} records carry images: {o.model_name} is a text-only model")
-        if is_vision_model(self.config, self.handler):
-            self.vision = VisionTraining(o.model_path, self.handler, o.trust_remote_code)
+        # multimodal models train through their processor, text-only data too
+        self.vision = VisionTraining(o.model_path, self.handler, o.trust_remote_code) if takes_images else None
+        if self.vision is not None:
             self.tokenizer = self.vision.tokenizer
         limit = o.flags.max_seq_length or min(
             self.handler.max_seq_length, max_positions(self.config) or self.handler.max_seq_length
@@ -444,9 +445,12 @@ class LoraRecipe:
         return loss
 
     def _collate(self, examples: list[TokenizedExample]) -> dict[str, torch.Tensor]:
+        return packed_batch(examples) if self.packed else self._padded(examples)
+
+    def _padded(self, examples: list[TokenizedExample]) -> dict[str, torch.Tensor]:
         if self.vision is not None:
-            return self.vision.collate(examples)
-        return packed_batch(examples) if self.packed else padded_batch(examples, self.tokenizer.pad_token_id, 8)
+            return self.vision.collate(examples)  # padded too, with the images' pixels
+        return padded_batch(examples, self.tokenizer.pad_token_id, 8)
 
     def _accumulate(self, batches: list[dict[str, torch.Tensor]], targets: int) -> float:
         total = 0.0
@@ -465,8 +469,7 @@ class LoraRecipe:
         self.model.eval()
         total, count = 0.0, 0
         for ids in token_budget_batches([len(t) for t in examples], 4 * self.plan.max_seq_length, 16):
-            rows = [examples[i] for i in ids]
-            batch = self.vision.collate(rows) if self.vision else padded_batch(rows, self.tokenizer.pad_token_id, 8)
+            batch = self._padded([examples[i] for i in ids])
             summed, n = loss_sum(self.model, {k: v.to(self.device) for k, v in batch.items()})
             total, count = total + float(summed), count + n
         self.model.train()

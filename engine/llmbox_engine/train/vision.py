@@ -10,25 +10,26 @@ Micro-batches are capped at `MAX_VISION_BATCH`: each image costs its tower's act
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from llmbox.errors import DataError
 from llmbox.plan import TrainingPlan
 from llmbox_engine.data.canonical import Example
 from llmbox_engine.data.images import load_image
 from llmbox_engine.data.render import TokenizedExample
-from llmbox_engine.data.render_vision import VisionCollator, VisionExample, VisionRenderer, chat_messages
+from llmbox_engine.data.render_vision import (
+    VisionCollator,
+    VisionExample,
+    VisionRenderer,
+    chat_messages,
+    cut_to,
+    image_count,
+    image_token_ids,
+)
 from llmbox_handlers import Handler
 
 MAX_VISION_BATCH = 4
-
-
-def is_vision_model(config: Mapping[str, Any], handler: Handler) -> bool:
-    return handler.takes_images(config)
 
 
 class VisionTraining:
@@ -48,26 +49,12 @@ class VisionTraining:
     def truncated(
         self, tokenized: Sequence[TokenizedExample], limit: int, examples: Sequence[Example]
     ) -> list[TokenizedExample]:
-        """Cut to the plan's length; an image is never cut (that example is refused, with a way out).
+        """Cut to the plan's length; an image is never cut (that example is refused, naming its record).
 
-        `examples` are the ones `tokenized` came from, in the same order: an error names the file and record.
+        `examples` are the ones `tokenized` came from, in the same order.
         """
-        out: list[TokenizedExample] = []
-        image_ids = list(VisionRenderer(self.processor, None, limit).image_ids)
-        for t, example in zip(tokenized, examples, strict=True):
-            if len(t) <= limit:
-                out.append(t)
-                continue
-            if image_ids and np.isin(t.input_ids[limit:], image_ids).any():
-                raise DataError(
-                    example.origin.path,
-                    f"this example has {len(t)} tokens, past the planned {limit}-token limit, and a cut would split "
-                    "an image: pass a larger --max-seq-length",
-                    record=example.origin.record,
-                )
-            cut = dataclasses.replace(t, input_ids=t.input_ids[:limit], trainable=t.trainable[:limit], truncated=True)
-            out.append(cut)
-        return out
+        image_ids = image_token_ids(self.processor)
+        return [cut_to(e, t, limit, image_ids) for t, e in zip(tokenized, examples, strict=True)]
 
     def modest_batches(self, plan: TrainingPlan) -> TrainingPlan:
         """At most MAX_VISION_BATCH rows per micro-batch; accumulation makes up the planned effective batch."""
@@ -88,7 +75,7 @@ class VisionTraining:
         """A greedy answer to the example's conversation minus its last turn, images included."""
         prompt = example.messages[:-1]
         messages = chat_messages(prompt, len(example.images))
-        shown = sum(1 for m in messages for p in m["content"] if p["type"] == "image")
+        shown = image_count(messages)
         text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         images = [load_image(ref) for ref in example.images[:shown]]
         encoded = self.processor(
