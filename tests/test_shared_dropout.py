@@ -76,3 +76,27 @@ def test_eval_mode_and_gradients(tiny_llama: Path) -> None:
 def test_no_dropout_means_no_shared_module(tiny_llama: Path) -> None:
     model = lora_model(tiny_llama, dropout=0.0)
     assert not any(isinstance(m, SharedInputDropout) for m in model.modules())
+
+
+def test_cpu_dropout_rate_scale_and_gradient() -> None:
+    from llmbox_engine.train.shared_dropout import cpu_dropout, keep_mask
+
+    torch.manual_seed(0)
+    keep, scale = keep_mask(torch.Size([1000, 1001]), 0.05)  # an odd size: the last word is cut
+    assert keep.shape == (1000, 1001) and keep.dtype == torch.bool
+    lanes = keep.flatten()[: 1000 * 1000].view(-1, 4).float()
+    for lane in range(4):  # every 16-bit lane of a random word is uniform, or one lane would drop too often
+        assert abs(1 - float(lanes[:, lane].mean()) - 0.05) < 0.002
+    assert scale == 65536 / (65536 - 3277)
+    x = (torch.rand(300, 700) + 0.5).requires_grad_()
+    torch.manual_seed(1)
+    y = cpu_dropout(x, 0.3)
+    torch.manual_seed(1)
+    assert torch.equal(y, cpu_dropout(x, 0.3))  # reproducible under the seed
+    kept = y != 0
+    assert torch.allclose(y[kept], x[kept] * 65536 / (65536 - round(0.3 * 65536)))
+    assert abs(float(y.mean() / x.mean()) - 1) < 0.01  # inverted dropout keeps the expectation
+    y.backward(torch.ones_like(y))
+    assert x.grad is not None
+    assert torch.equal(x.grad != 0, kept)  # the gradient flows through the kept elements alone, scaled
+    assert torch.allclose(x.grad[kept], torch.full_like(x.grad[kept], 65536 / (65536 - round(0.3 * 65536))))
