@@ -57,6 +57,15 @@ bench-train: $(VENV)/.bench-installed
 bench-ingest: $(VENV)/.bench-installed
 	$(PY) benchmarks/ingest_throughput.py $(BENCH_INGEST_ARGS)
 
+# On a CUDA machine: the training benchmark in bf16 (flash-attention 2 where installed), the whole 400 examples,
+# three runs each; results in benchmarks/results/train_gpu.json and the README's GPU table.
+.PHONY: bench-gpu
+bench-gpu:
+	$(MAKE) venv VENV=$(GPU_VENV) TORCH_PIN=torch==2.13.0
+	$(GPU_VENV)/bin/pip install -q -c tests/constraints.txt -e '.[engine,bench]'
+	$(GPU_VENV)/bin/python benchmarks/train_throughput.py --device cuda --train-examples 400 --heldout-examples 40 \
+		--repeats 3 $(BENCH_GPU_ARGS)
+
 .PHONY: bench-serve bench-container
 bench-serve: $(VENV)/.bench-installed
 	$(PY) benchmarks/serve_throughput.py $(BENCH_ARGS)

@@ -79,17 +79,23 @@ def run_child(args: list[str], log: Path, timeout_s: float | None = None) -> Chi
     return ChildRun(proc.returncode, wall, usage.ru_maxrss / 1024, cpu, usage.ru_stime, max(0.0, other))
 
 
-def matmul_gflops(seconds: float = 3.0, n: int = 2048) -> float:
-    """This machine's fp32 matmul rate now: an n x n torch.matmul loop, after a short warm-up."""
+def matmul_gflops(seconds: float = 3.0, n: int = 2048, device: str = "cpu") -> float:
+    """The matmul rate now: an n x n torch.matmul loop after a short warm-up; fp32 on CPU, bf16 on a GPU."""
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(2):
+    on_gpu = device == "cuda"
+    n = 8192 if on_gpu else n  # a GPU needs big products to reach its rate
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    for _ in range(3):
         torch.matmul(a, b)
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+    sync()
     count, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
         torch.matmul(a, b)
         count += 1
+        sync()
     return 2 * n**3 * count / (time.perf_counter() - started) / 1e9
 
 

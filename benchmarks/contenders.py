@@ -1,11 +1,12 @@
 """One training contender, run in its own process: `python benchmarks/contenders.py SPEC.json`.
 
-Every contender trains the same LoRA (r8, alpha 16, dropout 0.05, q/k/v/o/gate/up/down, fp32, the same
-initialisation seed) on the same token ids and assistant-only loss masks, rendered by llmbox's Renderer,
-for one epoch at 8 examples per optimizer step. Each one times its own training loop the same way: a
-clock mark at the start of the loop and after every optimizer step, and the real (non-padding) tokens of
-that step; the first `skip_steps` steps are left out of tokens/s (warm-up). Model loading, tokenisation and
-saving are outside the clock. The adapter is saved for the shared held-out loss (`heldout.py`).
+Every contender trains the same LoRA (r8, alpha 16, dropout 0.05, q/k/v/o/gate/up/down, the same
+initialisation seed; fp32 on CPU, a bf16 base on a GPU, with flash-attention 2 where it is installed) on the
+same token ids and assistant-only loss masks, rendered by llmbox's Renderer, for one epoch at 8 examples per
+optimizer step. Each one times its own training loop the same way: a clock mark at the start of the loop and
+after every optimizer step, and the real (non-padding) tokens of that step; the first `skip_steps` steps are
+left out of tokens/s (warm-up). Model loading, tokenisation and saving are outside the clock. The adapter is
+saved for the shared held-out loss (`heldout.py`).
 """
 
 from __future__ import annotations
@@ -48,9 +49,11 @@ class StepClock:
     tokens: list[int] = field(default_factory=list)
 
     def start(self) -> None:
+        _synchronize()
         self.marks, self.cpu_marks, self.tokens = [time.perf_counter()], [time.process_time()], []
 
     def step(self, tokens: int) -> None:
+        _synchronize()
         self.marks.append(time.perf_counter())
         self.cpu_marks.append(time.process_time())
         self.tokens.append(tokens)
@@ -73,6 +76,25 @@ class StepClock:
             # less sensitive to other processes on the machine than wall time (but counts threads' spin-waits)
             "tokens_per_cpu_s": timed_tokens / max(1e-9, timed_cpu_s),
         }
+
+
+def _synchronize() -> None:
+    """On a GPU, wait for the queued kernels, so a clock mark falls where the step really ended."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def on_gpu(spec: dict[str, Any]) -> bool:
+    return bool(spec.get("device") == "cuda")
+
+
+def attention_for(spec: dict[str, Any]) -> str:
+    """SDPA on CPU; on a GPU flash-attention 2 where installed (padding-free TRL needs it to keep rows apart)."""
+    import importlib.util
+
+    return "flash_attention_2" if on_gpu(spec) and importlib.util.find_spec("flash_attn") else "sdpa"
 
 
 # ---- llmbox ------------------------------------------------------------------------------------------------
@@ -132,12 +154,14 @@ def tokenized_rows(spec: dict[str, Any], tokenizer: Any) -> list[tuple[list[int]
 
 
 def load_lora_model(spec: dict[str, Any]) -> Any:
-    """The fp32 base with SDPA and the LoRA wrapped the way llmbox wraps it (same seed, same A matrices)."""
+    """The base (fp32 on CPU, bf16 on a GPU) and the LoRA wrapped the way llmbox wraps it (same seed, same A)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32, attn_implementation="sdpa")
+    dtype = torch.bfloat16 if on_gpu(spec) else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=dtype, attn_implementation=attention_for(spec))
+    model.to("cuda" if on_gpu(spec) else "cpu")
     model.config.use_cache = False
     torch.manual_seed(spec["seed"])
     config = LoraConfig(
@@ -187,8 +211,8 @@ def common_arguments(spec: dict[str, Any]) -> dict[str, Any]:
         "seed": spec["seed"],
         "save_strategy": "no",
         "report_to": "none",
-        "use_cpu": True,
-        "bf16": False,
+        "use_cpu": not on_gpu(spec),
+        "bf16": on_gpu(spec),  # SFTConfig's own default, kept on a GPU; off on CPU, where it halves the speed
         "fp16": False,
         "disable_tqdm": True,
     }
@@ -265,6 +289,10 @@ def main(spec_path: str) -> None:
         "adapter": str(adapter),
         "worker_peak_rss_mb": round(peak_rss_mb(), 1),
     }
+    if on_gpu(spec):
+        import torch
+
+        result["peak_gpu_mb"] = round(torch.cuda.max_memory_reserved() / 2**20, 1)
     write_json(Path(spec["output"]) / "result.json", result)
 
 

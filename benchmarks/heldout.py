@@ -18,7 +18,7 @@ MAX_SEQ_LENGTH = 1024
 BATCH_SIZE = 8
 
 
-def heldout_loss(model: Any, examples: Sequence[Any], pad_token_id: int) -> float:
+def heldout_loss(model: Any, examples: Sequence[Any], pad_token_id: int, device: str = "cpu") -> float:
     """Mean loss per assistant token over `examples` (llmbox TokenizedExamples), in batches of similar length.
 
     The output head runs only where there is a target, so the full logits are never built (same numbers).
@@ -33,7 +33,8 @@ def heldout_loss(model: Any, examples: Sequence[Any], pad_token_id: int) -> floa
     model.eval()
     with torch.inference_mode():
         for begin in range(0, len(order), BATCH_SIZE):
-            ids, attention, targets = _padded([examples[i] for i in order[begin : begin + BATCH_SIZE]], pad_token_id)
+            batch = _padded([examples[i] for i in order[begin : begin + BATCH_SIZE]], pad_token_id)
+            ids, attention, targets = (t.to(device) for t in batch)
             hidden = backbone(input_ids=ids, attention_mask=attention, use_cache=False).last_hidden_state
             selected = targets[:, 1:]
             logits = head(hidden[:, :-1][selected]).float()
@@ -57,17 +58,19 @@ def _padded(batch: Sequence[Any], pad_token_id: int) -> tuple[Any, Any, Any]:
     return ids, attention, targets
 
 
-def load_model(model_dir: Path, adapter: Path | None) -> Any:
+def load_model(model_dir: Path, adapter: Path | None, device: str = "cpu") -> Any:
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    # fp32 on every device: the judge is the same function whatever precision the contenders trained in
     base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="sdpa")
+    base.to(device)
     return base if adapter is None else PeftModel.from_pretrained(base, str(adapter))
 
 
 def main(spec_path: str) -> None:
-    """SPEC: {"model", "heldout_data", "adapters": {name: path or null for the base model}, "output"}."""
+    """SPEC: {"model", "heldout_data", "adapters": {name: path or null for the base model}, "output", "device"?}."""
     from transformers import AutoTokenizer
 
     spec = read_json(Path(spec_path))
@@ -77,8 +80,9 @@ def main(spec_path: str) -> None:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     losses = {}
     for name, adapter in spec["adapters"].items():
-        model = load_model(model_dir, Path(adapter) if adapter else None)
-        losses[name] = heldout_loss(model, examples, pad)
+        device = spec.get("device", "cpu")
+        model = load_model(model_dir, Path(adapter) if adapter else None, device)
+        losses[name] = heldout_loss(model, examples, pad, device)
         print(f"{name}: held-out loss {losses[name]:.4f}", flush=True)
     write_json(Path(spec["output"]), {"examples": len(examples), "losses": losses})
 

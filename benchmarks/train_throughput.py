@@ -2,6 +2,7 @@
 
     python benchmarks/train_throughput.py                       # the quick default (fits `make bench`)
     python benchmarks/train_throughput.py --train-examples 400  # the full benchmark: one epoch of 400
+    python benchmarks/train_throughput.py --device cuda         # on a GPU (`make bench-gpu`): bf16, all 400
 
 SmolLM2-135M-Instruct in fp32 on this machine, LoRA r8 / alpha 16 / dropout 0.05 on q, k, v, o, gate, up
 and down, 8 examples per optimizer step, learning rate 2e-4, seed 42, one epoch over the same generated
@@ -11,7 +12,11 @@ between repeats. The held-out loss comes from one shared function (heldout.py) o
 conversations. MFU = achieved FLOP/s / the fp32 matmul rate measured around each contender, with achieved
 FLOP/s = tokens/s x 4 x 134.5M x 1.05 (forward 2N, backward through frozen weights 2N, attention ~5%).
 
-Writes results/train.json, results/train.png and the table in README.md.
+On a GPU (`--device cuda`) every contender trains a bf16 base (TRL's own default there), with flash-attention
+2 where it is installed (llmbox then packs rows and TRL's padding-free mode keeps them apart); the matmul
+rate is bf16 (8192 x 8192) and memory is the peak reserved by torch on the GPU.
+
+Writes results/train.json (results/train_gpu.json on a GPU), a plot beside it and the table in README.md.
 """
 
 from __future__ import annotations
@@ -77,7 +82,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--workdir", type=Path, default=None, help="keep adapters and logs here, and reuse the runs it holds"
     )
-    parser.add_argument("--output", type=Path, default=RESULTS / "train.json")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: the GPU benchmark, in bf16")
+    parser.add_argument("--output", type=Path, default=None, help="default: results/train.json (train_gpu.json)")
     parser.add_argument("--no-readme", action="store_true", help="do not rewrite the README table")
     return parser.parse_args()
 
@@ -131,12 +137,12 @@ def run_contender(name: str, repeat: int, model: Path, train: Path, workdir: Pat
         run: dict[str, Any] = read_json(folder / "run.json")
         print(f"  {name} #{repeat}: {_run_line(run)} (from {folder})", flush=True)
         return run
-    spec = {**SETTINGS, "contender": name, "model": str(model), "train_data": str(train), "output": str(folder)}
-    spec["skip_steps"] = args.skip_steps
+    spec = {**settings_for(args.device), "contender": name, "model": str(model), "train_data": str(train)}
+    spec |= {"output": str(folder), "skip_steps": args.skip_steps, "device": args.device}
     spec_path = write_json(folder / "spec.json", spec)
-    before = matmul_gflops()
+    before = matmul_gflops(device=args.device)
     child: ChildRun = run_child(["benchmarks/contenders.py", str(spec_path)], folder / "log.txt", args.timeout)
-    after = matmul_gflops()
+    after = matmul_gflops(device=args.device)
     run = {
         "contender": name,
         "repeat": repeat,
@@ -162,10 +168,15 @@ def run_contender(name: str, repeat: int, model: Path, train: Path, workdir: Pat
 def _run_line(run: dict[str, Any]) -> str:
     if "error" in run:
         return f"FAILED (exit {run['returncode']}), see {run['log']}"
+    gpu = f", peak GPU {run['peak_gpu_mb']:.0f} MB" if "peak_gpu_mb" in run else ""
     return (
         f"{run['tokens_per_s']:.1f} tok/s over steps {run['skipped_steps'] + 1}-{run['steps']}, "
-        f"peak RSS {run['peak_rss_mb']:.0f} MB, matmul {run['matmul_gflops']:.0f} GFLOP/s, {run['wall_s']:.0f}s"
+        f"peak RSS {run['peak_rss_mb']:.0f} MB{gpu}, matmul {run['matmul_gflops']:.0f} GFLOP/s, {run['wall_s']:.0f}s"
     )
+
+
+def settings_for(device: str) -> dict[str, Any]:
+    return SETTINGS | ({"precision": "bf16"} if device == "cuda" else {})
 
 
 def run_all(names: list[str], model: Path, train: Path, workdir: Path, args: argparse.Namespace) -> list[dict]:
@@ -177,13 +188,13 @@ def run_all(names: list[str], model: Path, train: Path, workdir: Path, args: arg
     return runs
 
 
-def heldout_losses(model: Path, heldout: Path, runs: list[dict], workdir: Path) -> dict[str, float]:
+def heldout_losses(model: Path, heldout: Path, runs: list[dict], workdir: Path, device: str) -> dict[str, float]:
     """The shared held-out loss of the base model and of each contender's first successful adapter."""
     adapters: dict[str, str | None] = {"base_model": None}
     for run in runs:
         if "adapter" in run and run["contender"] not in adapters:
             adapters[run["contender"]] = run["adapter"]
-    spec = {"model": str(model), "heldout_data": str(heldout), "adapters": adapters}
+    spec = {"model": str(model), "heldout_data": str(heldout), "adapters": adapters, "device": device}
     spec["output"] = str(workdir / "heldout_result.json")
     spec_path = write_json(workdir / "heldout_spec.json", spec)
     child = run_child(["benchmarks/heldout.py", str(spec_path)], workdir / "heldout_log.txt")
@@ -203,12 +214,16 @@ def summarise(name: str, runs: list[dict], losses: dict[str, float]) -> dict[str
     tps = statistics.median(r["tokens_per_s"] for r in ok)
     gflops = statistics.median(r["matmul_gflops"] for r in ok)
     mfu = statistics.median(r["tokens_per_s"] * FLOPS_PER_TOKEN / (r["matmul_gflops"] * 1e9) for r in ok)
+    gpu = [r["peak_gpu_mb"] for r in ok if "peak_gpu_mb" in r]
+    speeds = [r["tokens_per_s"] for r in ok]
     return {
         "description": description,
         "tokens_per_s": round(tps, 1),
+        "tokens_per_s_spread": [round(min(speeds), 1), round(max(speeds), 1)],
         "tokens_per_s_all_steps": round(statistics.median(r["tokens_per_s_all_steps"] for r in ok), 1),
         "tokens_per_cpu_s": round(statistics.median(r["tokens_per_cpu_s"] for r in ok), 1),
         "peak_rss_mb": round(max(r["peak_rss_mb"] for r in ok), 1),
+        **({"peak_gpu_mb": round(max(gpu), 1)} if gpu else {}),
         "mfu": round(mfu, 4),
         "matmul_gflops": round(gflops, 1),
         "heldout_loss": round(losses[name], 4) if name in losses else None,
@@ -233,13 +248,19 @@ def ratios(table: dict[str, dict[str, Any]], key: str = "tokens_per_s") -> dict[
     }
 
 
+def memory_key(table: dict[str, dict[str, Any]]) -> str:
+    """The memory that limits the run: the GPU's where the contenders report it, else the process's RSS."""
+    return "peak_gpu_mb" if any("peak_gpu_mb" in v for v in table.values()) else "peak_rss_mb"
+
+
 def targets(table: dict[str, dict[str, Any]], ratio: dict[str, float | None]) -> dict[str, Any]:
     """The issue's goals for llmbox, each with the measured value and whether it is met."""
     me = table.get("llmbox", {})
     others = [v for k, v in table.items() if k not in ("llmbox", *EXTRA_CONTENDERS) and not v.get("failed")]
     best_loss = min((v["heldout_loss"] for v in others if v.get("heldout_loss") is not None), default=None)
     loss_gap = (me["heldout_loss"] - best_loss) / best_loss if best_loss and me.get("heldout_loss") else None
-    trl_rss = table.get("trl_default", {}).get("peak_rss_mb")
+    memory = memory_key(table)
+    trl_memory = table.get("trl_default", {}).get(memory)
 
     def goal(value: float | None, ok: bool | None) -> dict[str, Any]:
         return {"value": value, "met": ok}
@@ -247,8 +268,8 @@ def targets(table: dict[str, dict[str, Any]], ratio: dict[str, float | None]) ->
     return {
         ">=1.25x fastest other": goal(ratio["vs_fastest_other"], _at_least(ratio["vs_fastest_other"], 1.25)),
         ">=4x TRL default": goal(ratio["vs_trl_default"], _at_least(ratio["vs_trl_default"], 4.0)),
-        "peak RSS <= TRL default": goal(
-            me.get("peak_rss_mb"), None if not trl_rss or not me.get("peak_rss_mb") else me["peak_rss_mb"] <= trl_rss
+        "peak memory <= TRL default": goal(
+            me.get(memory), None if not trl_memory or not me.get(memory) else me[memory] <= trl_memory
         ),
         "held-out loss within 1% of the best other": goal(
             None if loss_gap is None else round(loss_gap, 4), None if loss_gap is None else loss_gap <= 0.01
@@ -275,8 +296,9 @@ def plot(table: dict[str, dict[str, Any]], path: Path, title: str) -> None:
     colours = ["tab:green" if n == "llmbox" else "tab:gray" for n in names]
     left.barh(names, [table[n]["tokens_per_s"] for n in names], color=colours)
     left.set_xlabel("real (non-padding) tokens / s  (higher is better)")
-    right.barh(names, [table[n]["peak_rss_mb"] / 1024 for n in names], color=colours)
-    right.set_xlabel("peak RSS, GiB  (lower is better)")
+    memory = memory_key(table)
+    right.barh(names, [table[n][memory] / 1024 for n in names], color=colours)
+    right.set_xlabel(f"peak {'GPU memory' if memory == 'peak_gpu_mb' else 'RSS'}, GiB  (lower is better)")
     for axis in (left, right):
         axis.invert_yaxis()
         axis.grid(axis="x", alpha=0.3)
@@ -288,8 +310,14 @@ def plot(table: dict[str, dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _spread(summary: dict[str, Any]) -> str:
+    low, high = summary.get("tokens_per_s_spread", (None, None))
+    return f" ({low}-{high})" if summary.get("runs", 1) > 1 and low is not None else ""
+
+
 def readme_table(report: dict[str, Any]) -> str:
     s, table = report["settings"], report["contenders"]
+    memory = memory_key(table)
     rows = []
     for name, v in table.items():
         if v.get("failed"):
@@ -299,20 +327,22 @@ def readme_table(report: dict[str, Any]) -> str:
         rows.append(
             [
                 f"`{name}`",
-                f"{v['tokens_per_s']:.1f}",
+                f"{v['tokens_per_s']:.1f}" + _spread(v),
                 "" if speed is None else f"{speed:.2f}x",
                 f"{v['tokens_per_s_all_steps']:.1f}",
-                f"{v['peak_rss_mb'] / 1024:.1f}",
+                f"{v[memory] / 1024:.1f}",
                 f"{100 * v['mfu']:.1f}%",
                 "" if v["heldout_loss"] is None else f"{v['heldout_loss']:.4f}",
             ]
         )
-    header = ["contender", "tokens/s", "llmbox is", "whole epoch tokens/s", "peak RSS GiB", "MFU", "held-out loss"]
+    memory_title = "peak GPU GiB" if memory == "peak_gpu_mb" else "peak RSS GiB"
+    header = ["contender", "tokens/s", "llmbox is", "whole epoch tokens/s", memory_title, "MFU", "held-out loss"]
     data = report["data"]
     goals = "; ".join(f"{k}: {v['value']} ({'met' if v['met'] else 'not met'})" for k, v in report["targets"].items())
     return "\n".join(
         [
-            f"Last run: {report['date']}, {report['machine']['cpu']} ({report['machine']['logical_cpus']} CPUs), "
+            f"Last run: {report['date']}, {report['machine']['gpu'] or report['machine']['cpu']} "
+            f"({report['machine']['logical_cpus']} CPUs), "
             f"torch {report['versions']['torch']}, transformers {report['versions']['transformers']}, "
             f"trl {report['versions']['trl']}, peft {report['versions']['peft']}.",
             f"{data['train']['examples']} training examples ({data['train']['tokens']} tokens, "
@@ -344,7 +374,7 @@ def main() -> None:
         data = {"train": token_stats(model, train), "heldout": token_stats(model, heldout)}
         print(f"data: {data}", flush=True)
         runs = run_all(names, model, train, workdir, args)
-        losses = heldout_losses(model, heldout, runs, workdir)
+        losses = heldout_losses(model, heldout, runs, workdir, args.device)
     table = {name: summarise(name, runs, losses) for name in names}
     gflops = statistics.median(r["matmul_gflops"] for r in runs)
     ratio = ratios(table)
@@ -352,13 +382,14 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": machine_info(),
         "versions": versions(),
-        "settings": SETTINGS,
+        "settings": settings_for(args.device),
         "data": data,
         "steps": -(-args.train_examples // SETTINGS["batch_size"]),
         "skip_steps": args.skip_steps,
         "repeats": args.repeats,
         "flops_per_token": FLOPS_PER_TOKEN,
-        "mfu_formula": "tokens/s x 4 x 134.5M x 1.05 / measured fp32 matmul FLOP/s (2048x2048 torch.matmul)",
+        "mfu_formula": "tokens/s x 4 x 134.5M x 1.05 / measured matmul FLOP/s "
+        + ("(bf16 8192x8192 on the GPU)" if args.device == "cuda" else "(fp32 2048x2048 torch.matmul)"),
         "matmul_gflops": gflops,
         "ceiling_tokens_per_s": round(gflops * 1e9 / FLOPS_PER_TOKEN, 1),
         "heldout_base_loss": round(losses["base_model"], 4),
@@ -371,11 +402,14 @@ def main() -> None:
         "runs": runs,
         "bench_wall_s": round(time.monotonic() - started, 1),
     }
-    write_json(args.output, report)
-    plot(table, args.output.with_suffix(".png"), f"LoRA r8 on SmolLM2-135M, fp32, {report['machine']['cpu']}")
+    on_gpu = args.device == "cuda"
+    output = args.output or RESULTS / ("train_gpu.json" if on_gpu else "train.json")
+    write_json(output, report)
+    where = report["machine"]["gpu"] if on_gpu else report["machine"]["cpu"]
+    plot(table, output.with_suffix(".png"), f"LoRA r8 on SmolLM2-135M, {report['settings']['precision']}, {where}")
     if not args.no_readme:
-        publish_table("train-results", readme_table(report))
-    print(f"ratios: {ratio}\nwrote {args.output} and {args.output.with_suffix('.png')}", flush=True)
+        publish_table("train-gpu-results" if on_gpu else "train-results", readme_table(report))
+    print(f"ratios: {ratio}\nwrote {output} and {output.with_suffix('.png')}", flush=True)
 
 
 if __name__ == "__main__":
