@@ -79,13 +79,13 @@ def run_child(args: list[str], log: Path, timeout_s: float | None = None) -> Chi
     return ChildRun(proc.returncode, wall, usage.ru_maxrss / 1024, cpu, usage.ru_stime, max(0.0, other))
 
 
-def matmul_gflops(seconds: float = 3.0, n: int = 2048, device: str = "cpu") -> float:
+def matmul_gflops(seconds: float = 3.0, n: int = 2048, device: str = "cpu", bf16: bool | None = None) -> float:
     """The matmul rate now: an n x n torch.matmul loop after a short warm-up; fp32 on CPU, bf16 on a GPU."""
     import torch
 
     on_gpu = device == "cuda"
     n = 8192 if on_gpu else n  # a GPU needs big products to reach its rate
-    dtype = torch.bfloat16 if on_gpu else torch.float32
+    dtype = torch.bfloat16 if (on_gpu if bf16 is None else bf16) else torch.float32
     a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     for _ in range(3):
         torch.matmul(a, b)

@@ -28,7 +28,9 @@ PAD_TO = 1024
 PAD_TO_MAX_MICRO_BATCH = 4
 
 CONTENDERS = {
-    "llmbox": "llmbox engine (LoraRecipe, as `llmbox train` runs it)",
+    "llmbox": "llmbox engine (LoraRecipe, as `llmbox train` runs it: bf16 matmuls over fp32 weights on CPUs with "
+    "native bf16, else fp32)",
+    "llmbox_fp32": "llmbox engine with --precision fp32 (the other contenders' precision on CPU)",
     "trl_default": "TRL SFTTrainer, defaults (gradient checkpointing on, pad to longest)",
     "trl_padding_free": "TRL SFTTrainer, padding_free=True, max_length=None",
     "hf_pad_to_max": "transformers Trainer + peft, every example padded to 1024 (micro-batch 4 x 2 accumulation)",
@@ -47,6 +49,7 @@ class StepClock:
     marks: list[float] = field(default_factory=list)
     cpu_marks: list[float] = field(default_factory=list)  # this process's CPU seconds, all threads
     tokens: list[int] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)  # what the contender reports about itself
 
     def start(self) -> None:
         _synchronize()
@@ -75,7 +78,7 @@ class StepClock:
             "tokens_per_s_all_steps": sum(self.tokens) / max(1e-9, sum(seconds)),
             # less sensitive to other processes on the machine than wall time (but counts threads' spin-waits)
             "tokens_per_cpu_s": timed_tokens / max(1e-9, timed_cpu_s),
-        }
+        } | self.info
 
 
 def _synchronize() -> None:
@@ -100,7 +103,9 @@ def attention_for(spec: dict[str, Any]) -> str:
 # ---- llmbox ------------------------------------------------------------------------------------------------
 
 
-def run_llmbox(spec: dict[str, Any], clock: StepClock, micro_batch: int | None = None) -> Path:
+def run_llmbox(
+    spec: dict[str, Any], clock: StepClock, micro_batch: int | None = None, precision: str | None = None
+) -> Path:
     """LoraRecipe on `llmbox train`'s code path; only the periodic evaluation is off (nobody else has one)."""
     from llmbox.plan import PlanFlags
     from llmbox_engine.train.recipe import LoraRecipe, TrainOptions
@@ -125,6 +130,7 @@ def run_llmbox(spec: dict[str, Any], clock: StepClock, micro_batch: int | None =
         learning_rate=spec["learning_rate"],
         validation_split=0.0,
         seed=spec["seed"],
+        precision=precision,
     )
     output = Path(spec["output"])
     options = TrainOptions(
@@ -137,6 +143,7 @@ def run_llmbox(spec: dict[str, Any], clock: StepClock, micro_batch: int | None =
     )
     recipe = TimedRecipe(options)
     recipe.setup()
+    clock.info["precision"] = recipe.plan.precision
     with recipe.stop:
         clock.start()
         reason = recipe.train()
@@ -272,6 +279,7 @@ def run_plain_trainer(spec: dict[str, Any], clock: StepClock, pad_to_max: bool) 
 
 RUNNERS: dict[str, Callable[[dict[str, Any], StepClock], Path]] = {
     "llmbox": run_llmbox,
+    "llmbox_fp32": lambda spec, clock: run_llmbox(spec, clock, precision="fp32"),
     "llmbox_micro4": lambda spec, clock: run_llmbox(spec, clock, micro_batch=4),
     "trl_default": lambda spec, clock: run_trl(spec, clock, padding_free=False),
     "trl_padding_free": lambda spec, clock: run_trl(spec, clock, padding_free=True),

@@ -143,6 +143,8 @@ def run_contender(name: str, repeat: int, model: Path, train: Path, workdir: Pat
     before = matmul_gflops(device=args.device)
     child: ChildRun = run_child(["benchmarks/contenders.py", str(spec_path)], folder / "log.txt", args.timeout)
     after = matmul_gflops(device=args.device)
+    # a contender multiplying in bf16 on CPU (llmbox's bf16-mixed) is judged against the bf16 rate
+    bf16_cpu = args.device == "cpu" and _precision_of(folder) == "bf16-mixed"
     run = {
         "contender": name,
         "repeat": repeat,
@@ -153,8 +155,11 @@ def run_contender(name: str, repeat: int, model: Path, train: Path, workdir: Pat
         "sys_s": round(child.sys_s, 1),
         "other_cpu_load": round(child.other_cpu_load, 3),
         "matmul_gflops": round((before + after) / 2, 1),
+        **({"matmul_gflops_fp32": round((before + after) / 2, 1)} if bf16_cpu else {}),
         "log": str(folder / "log.txt"),
     }
+    if bf16_cpu:
+        run["matmul_gflops"] = round(matmul_gflops(bf16=True), 1)
     result_path = folder / "result.json"
     if child.returncode == 0 and result_path.is_file():
         run |= read_json(result_path)
@@ -163,6 +168,11 @@ def run_contender(name: str, repeat: int, model: Path, train: Path, workdir: Pat
         run["error"] = (folder / "log.txt").read_text()[-2000:]
     print(f"  {name} #{repeat}: {_run_line(run)}", flush=True)
     return run
+
+
+def _precision_of(folder: Path) -> str | None:
+    result = folder / "result.json"
+    return read_json(result).get("precision") if result.is_file() else None
 
 
 def _run_line(run: dict[str, Any]) -> str:
@@ -228,13 +238,19 @@ def summarise(name: str, runs: list[dict], losses: dict[str, float]) -> dict[str
         "matmul_gflops": round(gflops, 1),
         "heldout_loss": round(losses[name], 4) if name in losses else None,
         "runs": len(ok),
+        **({"precision": ok[0]["precision"]} if "precision" in ok[0] else {}),
     }
+
+
+def _is_llmbox(name: str) -> bool:
+    """llmbox and its variants: the contenders the others are measured against, never one of the others."""
+    return name.startswith("llmbox")
 
 
 def ratios(table: dict[str, dict[str, Any]], key: str = "tokens_per_s") -> dict[str, float | None]:
     """llmbox's tokens/s (`key`) divided by each other contender's."""
     mine = table.get("llmbox", {}).get(key)
-    others = {k: v[key] for k, v in table.items() if k not in ("llmbox", *EXTRA_CONTENDERS) and not v.get("failed")}
+    others = {k: v[key] for k, v in table.items() if not _is_llmbox(k) and not v.get("failed")}
 
     def ratio(other: float | None) -> float | None:
         return round(mine / other, 2) if mine and other else None
@@ -256,7 +272,7 @@ def memory_key(table: dict[str, dict[str, Any]]) -> str:
 def targets(table: dict[str, dict[str, Any]], ratio: dict[str, float | None]) -> dict[str, Any]:
     """The issue's goals for llmbox, each with the measured value and whether it is met."""
     me = table.get("llmbox", {})
-    others = [v for k, v in table.items() if k not in ("llmbox", *EXTRA_CONTENDERS) and not v.get("failed")]
+    others = [v for k, v in table.items() if not _is_llmbox(k) and not v.get("failed")]
     best_loss = min((v["heldout_loss"] for v in others if v.get("heldout_loss") is not None), default=None)
     loss_gap = (me["heldout_loss"] - best_loss) / best_loss if best_loss and me.get("heldout_loss") else None
     memory = memory_key(table)
@@ -310,6 +326,11 @@ def plot(table: dict[str, dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _bf16_rate(report: dict[str, Any]) -> str:
+    rates = [r["matmul_gflops"] for r in report["runs"] if "matmul_gflops_fp32" in r]
+    return f"(bf16: {statistics.median(rates):.0f}, the MFU base of bf16-mixed rows) " if rates else ""
+
+
 def _spread(summary: dict[str, Any]) -> str:
     low, high = summary.get("tokens_per_s_spread", (None, None))
     return f" ({low}-{high})" if summary.get("runs", 1) > 1 and low is not None else ""
@@ -321,12 +342,13 @@ def readme_table(report: dict[str, Any]) -> str:
     rows = []
     for name, v in table.items():
         if v.get("failed"):
-            rows.append([f"`{name}`", "failed", "", "", "", "", ""])
+            rows.append([f"`{name}`", "failed", "", "", "", "", "", ""])
             continue
         speed = table["llmbox"]["tokens_per_s"] / v["tokens_per_s"] if not table["llmbox"].get("failed") else None
         rows.append(
             [
                 f"`{name}`",
+                v.get("precision", s["precision"]),
                 f"{v['tokens_per_s']:.1f}" + _spread(v),
                 "" if speed is None else f"{speed:.2f}x",
                 f"{v['tokens_per_s_all_steps']:.1f}",
@@ -336,7 +358,8 @@ def readme_table(report: dict[str, Any]) -> str:
             ]
         )
     memory_title = "peak GPU GiB" if memory == "peak_gpu_mb" else "peak RSS GiB"
-    header = ["contender", "tokens/s", "llmbox is", "whole epoch tokens/s", memory_title, "MFU", "held-out loss"]
+    header = ["contender", "precision", "tokens/s", "llmbox is", "whole epoch tokens/s", memory_title, "MFU"]
+    header.append("held-out loss")
     data = report["data"]
     goals = "; ".join(f"{k}: {v['value']} ({'met' if v['met'] else 'not met'})" for k, v in report["targets"].items())
     return "\n".join(
@@ -350,6 +373,7 @@ def readme_table(report: dict[str, Any]) -> str:
             f"{report['steps']} steps, first {report['skip_steps']} left out of tokens/s; "
             f"held-out loss over {data['heldout']['examples']} conversations "
             f"(base model: {report['heldout_base_loss']:.4f}); matmul rate {report['matmul_gflops']:.0f} GFLOP/s "
+            f"{_bf16_rate(report)}"
             f"(ceiling {report['ceiling_tokens_per_s']:.0f} tokens/s).",
             "",
             markdown_table(header, rows),
@@ -376,7 +400,7 @@ def main() -> None:
         runs = run_all(names, model, train, workdir, args)
         losses = heldout_losses(model, heldout, runs, workdir, args.device)
     table = {name: summarise(name, runs, losses) for name in names}
-    gflops = statistics.median(r["matmul_gflops"] for r in runs)
+    gflops = statistics.median(r.get("matmul_gflops_fp32", r["matmul_gflops"]) for r in runs)
     ratio = ratios(table)
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -389,7 +413,8 @@ def main() -> None:
         "repeats": args.repeats,
         "flops_per_token": FLOPS_PER_TOKEN,
         "mfu_formula": "tokens/s x 4 x 134.5M x 1.05 / measured matmul FLOP/s "
-        + ("(bf16 8192x8192 on the GPU)" if args.device == "cuda" else "(fp32 2048x2048 torch.matmul)"),
+        + ("(bf16 8192x8192 on the GPU)" if args.device == "cuda" else "(fp32 2048x2048 torch.matmul)")
+        + "; a contender that multiplies in bf16 on CPU (llmbox's bf16-mixed) against the bf16 rate",
         "matmul_gflops": gflops,
         "ceiling_tokens_per_s": round(gflops * 1e9 / FLOPS_PER_TOKEN, 1),
         "heldout_base_loss": round(losses["base_model"], 4),

@@ -96,8 +96,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def tensorboard_tags(port: int, timeout: float = 90) -> dict[str, Any]:
-    """The scalar tags a TensorBoard on `port` serves, once it answers ({} if it never does)."""
+def tensorboard_tags(port: int, timeout: float = 90, expected: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """The scalar tags a TensorBoard on `port` serves, once it answers with a run holding `expected` ({} if never).
+
+    TensorBoard loads event files in the background, so a first answer can hold some of a run's tags only.
+    """
     import time
     import urllib.request
 
@@ -106,7 +109,7 @@ def tensorboard_tags(port: int, timeout: float = 90) -> dict[str, Any]:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/data/plugin/scalars/tags", timeout=5) as response:
                 tags: dict[str, Any] = json.loads(response.read())
-            if tags:
+            if tags and any(expected <= set(run) for run in tags.values()):
                 return tags
         except OSError:
             pass

@@ -288,6 +288,21 @@ def test_no_gpu_is_fp32_cpu() -> None:
     assert p.optimizer == "adamw_torch"
 
 
+def test_cpu_with_native_bf16_multiplies_in_bf16_over_fp32_weights() -> None:
+    p = make_plan(SMOL, (), host=HostFacts(cpu_memory_bytes=16 * GiB, cpu_bf16=True))
+    assert p.precision == "bf16-mixed"
+    assert "native bf16" in p.reasons["precision"]
+    assert p.memory.weights_bytes == make_plan(SMOL, ()).memory.weights_bytes  # the weights stay fp32
+    forced = make_plan(SMOL, (), host=HostFacts(cpu_memory_bytes=16 * GiB, cpu_bf16=True), precision="fp32")
+    assert (forced.precision, forced.reasons["precision"]) == ("fp32", "--precision fp32")
+    assert make_plan(SMOL, (), precision="bf16-mixed").precision == "bf16-mixed"  # asked for, without native bf16
+    assert make_plan(SMOL, (H100,), precision="fp32").precision == "fp32"
+    with pytest.raises(UserError, match="bf16-mixed is for CPUs"):
+        make_plan(SMOL, (H100,), precision="bf16-mixed")
+    with pytest.raises(UserError, match="unknown precision 'fp8'"):
+        make_plan(SMOL, (), precision="fp8")
+
+
 def test_old_gpu_gets_fp16() -> None:
     p = make_plan(SMOL, (T4,))
     assert p.precision == "fp16"
@@ -764,7 +779,12 @@ def test_read_gpu_facts_without_nvml(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_read_host_facts(tmp_path: Path) -> None:
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:       32000000 kB\nMemAvailable:   16000000 kB\n")
-    assert read_host_facts(meminfo).cpu_memory_bytes == 16_000_000 * 1024
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f\n")
+    assert read_host_facts(meminfo, cpuinfo) == HostFacts(16_000_000 * 1024, cpu_bf16=False)
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 avx512_vnni\n")
+    assert read_host_facts(meminfo, cpuinfo).cpu_bf16
+    assert not read_host_facts(meminfo, tmp_path / "missing").cpu_bf16
 
 
 def test_planner_does_not_import_torch() -> None:

@@ -285,3 +285,25 @@ def test_packed_and_padded_batches_give_the_trainer_the_same_loss(tmp_path: Path
         packed, n_packed = loss_sum(recipe.model, packed_batch(examples))
     assert n_padded == n_packed > 0
     assert float(packed) == pytest.approx(float(padded), rel=1e-4)
+
+
+def test_bf16_mixed_multiplies_in_bf16_over_fp32_weights_and_learns(tmp_path: Path, tiny_llama: Path) -> None:
+    from llmbox.plan import PlanFlags
+    from llmbox_engine.train.recipe import LoraRecipe, TrainOptions
+
+    flags = PlanFlags(precision="bf16-mixed", circular=True, max_circular_epochs=12, learning_rate=1e-2,
+                      force_epochs=True)  # fmt: skip
+    data = str(qa_file(tmp_path, 16))
+    recipe = LoraRecipe(TrainOptions(tiny_llama, tmp_path, data, flags, tensorboard=False, skip_test=True))
+    recipe.setup()
+    assert {t.dtype for t in recipe.model.parameters()} == {torch.float32}  # weights and optimizer state stay fp32
+    seen: list[torch.dtype] = []
+    q_proj = recipe.model.get_base_model().model.layers[0].self_attn.q_proj.base_layer
+    hook = q_proj.register_forward_hook(lambda _module, _args, output: seen.append(output.dtype))
+    with recipe.stop:
+        recipe.finish(recipe.train())
+    hook.remove()
+    assert seen and set(seen) == {torch.bfloat16}  # every forward, evaluation too, multiplied in bf16
+    evaluations = json.loads((tmp_path / "checkpoints" / "last" / "trainer_state.json").read_text())["evaluations"]
+    assert evaluations[-1]["train_loss"] < 0.7 * evaluations[0]["train_loss"]
+    assert adapter_info(tmp_path)["plan"]["precision"] == "bf16-mixed"

@@ -123,6 +123,8 @@ class HostFacts:
     """The machine the engine runs on when there is no GPU. `None` means unknown."""
 
     cpu_memory_bytes: int | None = None
+    # the CPU multiplies bf16 natively (AVX512-BF16 or AMX): a bf16 matmul runs at about twice the fp32 rate
+    cpu_bf16: bool = False
 
 
 @dataclass(frozen=True)
@@ -356,15 +358,32 @@ def read_gpu_facts() -> list[GpuFacts]:
             pynvml.nvmlShutdown()
 
 
-def read_host_facts(meminfo: Path = Path("/proc/meminfo")) -> HostFacts:
-    """Available system memory (Linux MemAvailable, else free physical pages); unknown elsewhere."""
+CPU_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+def read_host_facts(meminfo: Path = Path("/proc/meminfo"), cpuinfo: Path = Path("/proc/cpuinfo")) -> HostFacts:
+    """Available system memory (Linux MemAvailable, else free physical pages) and native bf16; unknown elsewhere."""
+    return HostFacts(cpu_memory_bytes=_available_memory(meminfo), cpu_bf16=_cpu_has_bf16(cpuinfo))
+
+
+def _available_memory(meminfo: Path) -> int | None:
     try:
         for line in meminfo.read_text().splitlines():
             if line.startswith("MemAvailable:"):
-                return HostFacts(cpu_memory_bytes=int(line.split()[1]) * 1024)
+                return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
     try:
-        return HostFacts(cpu_memory_bytes=os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, AttributeError):
-        return HostFacts()
+        return None
+
+
+def _cpu_has_bf16(cpuinfo: Path) -> bool:
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("flags"):
+                return not CPU_BF16_FLAGS.isdisjoint(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return False

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import click
 import yaml
 
-from llmbox.plan import MODES, OPTIMIZERS
+from llmbox.plan import MODES, OPTIMIZERS, PRECISIONS
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -147,6 +147,8 @@ TRAIN_OPTIONS: tuple[Opt, ...] = (
     Opt("--method", "lora or qlora (4-bit); default: qlora only when 16-bit weights do not fit.",
         type=click.Choice(["lora", "qlora"])),
     Opt("--use-8bit", "Load the base weights in 8 bits (bitsandbytes).", is_flag=True),
+    Opt("--precision", "auto: bf16 on GPUs that have it; on CPU, bf16 matmuls over fp32 weights (bf16-mixed) where "
+        "the CPU has native bf16, else fp32.", type=click.Choice(PRECISIONS), default="auto"),
     Opt("--lora-r", "LoRA rank (default: by model size).", type=click.IntRange(min=1)),
     Opt("--lora-alpha", "LoRA alpha (default: 2 x rank).", type=click.IntRange(min=1)),
     Opt("--max-seq-length", "Truncate examples to this many tokens (default: fit the data, within the model's limit).",

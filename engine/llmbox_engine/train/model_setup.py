@@ -8,7 +8,8 @@ from typing import Any
 
 from llmbox.errors import UserError
 
-TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# the weights' dtype per plan precision; bf16-mixed keeps fp32 weights and multiplies in bf16 (autocast)
+TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "bf16-mixed": "float32"}
 
 
 def attention_implementation(device: str, handler_supports_flash: bool) -> str:

@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -452,11 +453,18 @@ class LoraRecipe:
             return self.vision.collate(examples)  # padded too, with the images' pixels
         return padded_batch(examples, self.tokenizer.pad_token_id, 8)
 
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """bf16-mixed: the forward's matmuls in bf16 over fp32 weights (autograd casts back in backward)."""
+        if self.plan.precision == "bf16-mixed":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     def _accumulate(self, batches: list[dict[str, torch.Tensor]], targets: int) -> float:
         total = 0.0
         for batch in batches:
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            summed, _ = loss_sum(self.model, batch, checkpoint_chunks=self.plan.gradient_checkpointing)
+            with self._autocast():
+                summed, _ = loss_sum(self.model, batch, checkpoint_chunks=self.plan.gradient_checkpointing)
             (summed / max(1, targets)).backward()
             total += float(summed.detach())
         return total
@@ -470,7 +478,8 @@ class LoraRecipe:
         total, count = 0.0, 0
         for ids in token_budget_batches([len(t) for t in examples], 4 * self.plan.max_seq_length, 16):
             batch = self._padded([examples[i] for i in ids])
-            summed, n = loss_sum(self.model, {k: v.to(self.device) for k, v in batch.items()})
+            with self._autocast():
+                summed, n = loss_sum(self.model, {k: v.to(self.device) for k, v in batch.items()})
             total, count = total + float(summed), count + n
         self.model.train()
         return total / max(1, count)
