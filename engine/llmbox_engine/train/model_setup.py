@@ -116,3 +116,26 @@ def wrap_lora(
     model = get_peft_model(model, config)
     share_lora_dropout(model, dropout)
     return model
+
+
+def frozen_linears_to_bf16(model: Any) -> int:
+    """Store every frozen linear weight in bf16, for a model that runs under bf16 autocast (bf16-mixed).
+
+    Autocast multiplies in bf16 by casting each fp32 weight at every matmul, again on every pass, because it
+    caches casts of trainable leaves only. Casting the frozen weights once gives the same products (the same
+    rounding) without that copy, and halves their memory. Trainable LoRA weights, norms and the embedding stay
+    fp32; an output head tied to the embedding gets its own bf16 copy, so the embedding is untouched.
+    Returns how many weights were cast.
+    """
+    import torch
+    from torch import nn
+
+    cast = 0
+    for module in model.modules():
+        if type(module) is not nn.Linear or module.weight.requires_grad or module.weight.dtype != torch.float32:
+            continue  # LoRA's own layers train; quantized and 16-bit layers are not plain fp32 Linear
+        module.weight = nn.Parameter(module.weight.detach().to(torch.bfloat16), requires_grad=False)
+        if module.bias is not None:
+            module.bias = nn.Parameter(module.bias.detach().to(torch.bfloat16), requires_grad=False)
+        cast += 1
+    return cast

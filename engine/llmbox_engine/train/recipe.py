@@ -59,6 +59,7 @@ from llmbox_engine.train.history_plot import plot_history
 from llmbox_engine.train.loss import loss_sum
 from llmbox_engine.train.model_setup import (
     attention_implementation,
+    frozen_linears_to_bf16,
     load_base_model,
     load_tokenizer,
     require_bitsandbytes,
@@ -255,6 +256,8 @@ class LoraRecipe:
             gradient_checkpointing=p.gradient_checkpointing,
             quantized=p.load_in_4bit or p.load_in_8bit,
         )
+        if p.precision == "bf16-mixed":
+            frozen_linears_to_bf16(self.model)
         if self.resume_state is not None:
             from peft import set_peft_model_state_dict
             from safetensors.torch import load_file
@@ -629,27 +632,25 @@ class LoraRecipe:
         rows = []
         conversations = [e for e in self.val_examples if e.messages]
         spread = max(1, len(conversations) // SAMPLE_ANSWERS)  # from across the data, not its first records
-        for example in conversations[::spread][:SAMPLE_ANSWERS]:
-            prompt_messages = [{"role": m.role, "content": m.content} for m in example.messages[:-1]]
-            if self.vision is not None:
-                reference, answer = example.messages[-1].content, self.vision.answer(self.model, example, self.device)
-                rows.append({"prompt": prompt_messages[-1]["content"], "reference": reference, "answer": answer})
-                continue
-            encoded = self.tokenizer.apply_chat_template(
-                prompt_messages,
-                chat_template=template,
-                add_generation_prompt=True,
-                return_tensors="pt",
-                return_dict=True,
-            )
-            encoded = {k: v.to(self.device) for k, v in encoded.items()}
-            generated = self.model.generate(
-                **encoded, max_new_tokens=96, do_sample=False, use_cache=True, pad_token_id=self.tokenizer.pad_token_id
-            )
-            answer = self.tokenizer.decode(generated[0, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
-            rows.append(
-                {"prompt": prompt_messages[-1]["content"], "reference": example.messages[-1].content, "answer": answer}
-            )
+        with self._autocast():
+            for example in conversations[::spread][:SAMPLE_ANSWERS]:
+                rows.append(self._sample_answer(example, template))
         if rows:
             out.console.print(out.samples_table(rows))
         return rows
+
+    def _sample_answer(self, example: Example, template: str) -> dict[str, Any]:
+        prompt_messages = [{"role": m.role, "content": m.content} for m in example.messages[:-1]]
+        reference = example.messages[-1].content
+        if self.vision is not None:
+            answer = self.vision.answer(self.model, example, self.device)
+            return {"prompt": prompt_messages[-1]["content"], "reference": reference, "answer": answer}
+        encoded = self.tokenizer.apply_chat_template(
+            prompt_messages, chat_template=template, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+        encoded = {k: v.to(self.device) for k, v in encoded.items()}
+        generated = self.model.generate(
+            **encoded, max_new_tokens=96, do_sample=False, use_cache=True, pad_token_id=self.tokenizer.pad_token_id
+        )
+        answer = self.tokenizer.decode(generated[0, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
+        return {"prompt": prompt_messages[-1]["content"], "reference": reference, "answer": answer}
