@@ -309,7 +309,7 @@ def plot(table: dict[str, dict[str, Any]], path: Path, title: str) -> None:
 
     names = [k for k, v in table.items() if not v.get("failed")]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    colours = ["tab:green" if n == "llmbox" else "tab:gray" for n in names]
+    colours = ["tab:green" if n == "llmbox" else "yellowgreen" if _is_llmbox(n) else "tab:gray" for n in names]
     left.barh(names, [table[n]["tokens_per_s"] for n in names], color=colours)
     left.set_xlabel("real (non-padding) tokens / s  (higher is better)")
     memory = memory_key(table)
@@ -324,6 +324,13 @@ def plot(table: dict[str, dict[str, Any]], path: Path, title: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _precisions(report: dict[str, Any]) -> str:
+    """The run's precision, or llmbox's beside the others' where they differ."""
+    others = report["settings"]["precision"]
+    mine = report["contenders"].get("llmbox", {}).get("precision", others)
+    return others if mine == others else f"llmbox {mine}, others {others}"
 
 
 def _bf16_rate(report: dict[str, Any]) -> str:
@@ -431,7 +438,7 @@ def main() -> None:
     output = args.output or RESULTS / ("train_gpu.json" if on_gpu else "train.json")
     write_json(output, report)
     where = report["machine"]["gpu"] if on_gpu else report["machine"]["cpu"]
-    plot(table, output.with_suffix(".png"), f"LoRA r8 on SmolLM2-135M, {report['settings']['precision']}, {where}")
+    plot(table, output.with_suffix(".png"), f"LoRA r8 on SmolLM2-135M, {_precisions(report)}, {where}")
     if not args.no_readme:
         publish_table("train-gpu-results" if on_gpu else "train-results", readme_table(report))
     print(f"ratios: {ratio}\nwrote {output} and {output.with_suffix('.png')}", flush=True)

@@ -29,3 +29,18 @@ def test_container_paths_map_back_through_the_deepest_mount(monkeypatch: pytest.
     assert host_path("/workshop/x") == "/workshop/x"  # a prefix of the name is not a parent folder
     assert host_path("/data/0/qa.json") == "/home/u/data/qa.json"
     assert model_name(Path("/model")) == "qwen"
+
+
+def test_engine_train_writes_beside_an_installed_models_weights(tmp_path: Path) -> None:
+    # the engine's own default output, without the host CLI's --output: where its `serve` looks for lora/
+    from llmbox.errors import UserError
+    from llmbox_engine.train.command import run_train
+
+    weights = tmp_path / "qwen" / "model"
+    weights.mkdir(parents=True)
+    with pytest.raises(UserError, match=f"{tmp_path / 'qwen' / 'logs'}: no training logs yet"):
+        run_train(weights, False, {"output": None, "tensorboard_only": 6006})
+    bare = tmp_path / "bare-hf-folder"
+    bare.mkdir()
+    with pytest.raises(UserError, match=f"{bare / 'logs'}: no training logs yet"):
+        run_train(bare, False, {"output": None, "tensorboard_only": 6006})

@@ -9,6 +9,7 @@ from typing import Any
 
 from llmbox.errors import UserError
 from llmbox.plan import PlanFlags
+from llmbox_engine import host_view
 from llmbox_engine.train import tensorboard_server
 
 PLAN_FLAG_NAMES = tuple(PlanFlags.__dataclass_fields__)
@@ -19,7 +20,8 @@ def plan_flags(values: dict[str, Any]) -> PlanFlags:
 
 
 def run_train(model_path: Path, trust_remote_code: bool, values: dict[str, Any]) -> None:
-    output = Path(values["output"]) if values["output"] else model_path
+    # beside an installed model's weights folder, where `serve` looks for lora/ (or in a bare HF folder)
+    output = Path(values["output"]) if values["output"] else host_view.model_directory(model_path)
     if values["tensorboard_only"] is not None:
         serve_tensorboard(output / "logs", values["tensorboard_only"])
         return
