@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -119,3 +120,18 @@ def test_a_batch_splits_into_passes_within_the_token_budget() -> None:
         passes = split_to_budget(batch, many, 2048)
         assert [i for piece in passes for i in piece] == batch  # every row once, in order
         assert all(len(p) == 1 or len(p) * max(many[i] for i in p) <= 2048 for p in passes)
+
+
+def test_packed_passes_are_budgeted_by_their_real_tokens() -> None:
+    lengths = [100, 200, 300, 400, 500, 900]
+    # a packed pass costs the sum of its rows: 100 + 200 + 300 + 400 = 1000, where padded it is 4 x 400
+    assert split_to_budget([0, 1, 2, 3, 4], lengths, 1000, packed=True) == [[0, 1, 2, 3], [4]]
+    assert split_to_budget([4, 5, 0], lengths, 1000, packed=True) == [[4], [5, 0]]  # 900 + 100 fits
+    rng = random.Random(4)
+    many = [rng.randint(1, 700) for _ in range(200)]
+    for batch in token_budget_batches(many, max_tokens=16 * 700, max_batch_size=16, seed=0):
+        passes = split_to_budget(batch, many, 2048, packed=True)
+        assert [i for piece in passes for i in piece] == batch
+        assert all(len(p) == 1 or sum(many[i] for i in p) <= 2048 for p in passes)
+        # greedy: a pass is cut only when the next row would not fit
+        assert all(sum(many[i] for i in p) + many[q[0]] > 2048 for p, q in itertools.pairwise(passes))

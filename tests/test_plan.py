@@ -23,7 +23,7 @@ from llmbox.facts import (
     read_host_facts,
 )
 from llmbox.plan import (
-    CPU_TOKENS_PER_MICRO_BATCH,
+    CPU_TOKENS_PER_PASS,
     GiB,
     PlanFlags,
     TrainingPlan,
@@ -481,21 +481,32 @@ def test_too_big_batch_flag_warns() -> None:
 def test_cpu_batch_from_a_token_budget() -> None:
     data = DataFacts(n_train=500, n_val=0, task="instruction", mean_tokens=200.0, p95_tokens=400, max_tokens=500)
     p = make_plan(SMOL, (), data=data)
-    assert p.max_seq_length == 512
-    assert p.batch_size == CPU_TOKENS_PER_MICRO_BATCH // 512
+    assert (p.precision, p.max_seq_length) == ("fp32", 512)
+    # a micro-batch takes about as many mean-length examples as one pass holds: 1024 // 200 = 5, so 4
+    assert p.batch_size == 4
+    assert p.max_forward_tokens == CPU_TOKENS_PER_PASS["fp32"] == 1024
     assert p.batch_size * p.gradient_accumulation_steps == 16
     assert not p.gradient_checkpointing
     assert p.memory.budget_bytes is None
+
+
+def test_cpu_passes_are_larger_in_bf16_mixed() -> None:
+    data = DataFacts(n_train=500, n_val=0, task="instruction", mean_tokens=200.0, p95_tokens=400, max_tokens=500)
+    fp32 = make_plan(SMOL, (), data=data, host=HostFacts(cpu_bf16=False))
+    mixed = make_plan(SMOL, (), data=data, host=HostFacts(cpu_bf16=True))
+    assert (fp32.precision, mixed.precision) == ("fp32", "bf16-mixed")
+    assert mixed.max_forward_tokens == CPU_TOKENS_PER_PASS["bf16-mixed"] == 2 * fp32.max_forward_tokens
+    assert (fp32.batch_size, mixed.batch_size) == (4, 8)  # 2048 // 200 = 10 examples a pass: 8
+    assert "2048 tokens in bf16-mixed" in mixed.reasons["max_forward_tokens"]
 
 
 def test_a_large_batch_flag_on_cpu_runs_in_bounded_forward_passes() -> None:
     data = DataFacts(n_train=400, n_val=0, task="instruction", mean_tokens=370.0, p95_tokens=700, max_tokens=717)
     eight, one = make_plan(SMOL, (), data=data, batch_size=8), make_plan(SMOL, (), data=data, batch_size=1)
     assert (eight.max_seq_length, eight.batch_size) == (768, 8)  # 8 examples per micro-batch, as asked
-    rows = max(1, CPU_TOKENS_PER_MICRO_BATCH // 768)
-    assert eight.max_forward_tokens == rows * 768 < 8 * 768  # but no pass holds more than the CPU budget
-    # activations are held for one pass at a time, so --batch-size 8 needs what a pass of `rows` rows needs
-    assert eight.memory.activation_bytes / one.memory.activation_bytes == pytest.approx(rows)
+    assert eight.max_forward_tokens == CPU_TOKENS_PER_PASS["fp32"] < 8 * 768  # no pass holds more than that
+    # activations are held for one pass at a time, so --batch-size 8 needs what a pass of 1024 tokens needs
+    assert eight.memory.activation_bytes / one.memory.activation_bytes == pytest.approx(1024 / 768)
 
 
 def test_on_a_gpu_a_pass_holds_what_fits() -> None:

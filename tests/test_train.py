@@ -265,14 +265,17 @@ def current_umask() -> int:
 
 
 def test_packed_and_padded_batches_give_the_trainer_the_same_loss(tmp_path: Path, tiny_llama: Path) -> None:
-    # the trainer packs when flash-attention is there (GPU); on SDPA the same packed rows are correct, only slower
+    # the trainer packs with flash-attention (GPU) or, on CPU, with SDPA run per packed example
     from llmbox.plan import PlanFlags
     from llmbox_engine.data.batching import packed_batch, padded_batch
     from llmbox_engine.train.loss import loss_sum
     from llmbox_engine.train.model_setup import attention_implementation
+    from llmbox_engine.train.packed_attention import PACKED_SDPA
     from llmbox_engine.train.recipe import LoraRecipe, TrainOptions
 
-    assert attention_implementation("cpu", True) == "sdpa" and attention_implementation("cuda", False) == "sdpa"
+    assert attention_implementation("cpu", True) == PACKED_SDPA
+    assert attention_implementation("cpu", True, vision=True) == "sdpa"  # image batches stay padded
+    assert attention_implementation("cpu", False) == "sdpa" and attention_implementation("cuda", False) == "sdpa"
     recipe = LoraRecipe(
         # fp32: the comparison is exact to 1e-4 (bf16-mixed, the CPU default where it has native bf16, is not)
         TrainOptions(
@@ -280,7 +283,7 @@ def test_packed_and_padded_batches_give_the_trainer_the_same_loss(tmp_path: Path
         )
     )
     recipe.setup()
-    assert recipe.packed is False
+    assert recipe.packed is True
     examples = recipe.train_set[:5]
     recipe.model.eval()
     with torch.no_grad():

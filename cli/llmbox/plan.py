@@ -31,9 +31,11 @@ GPT-2-shaped models with peft LoRA (torch 2.13, transformers 5, peft 0.21):
 
 The budget is free GPU memory x 0.85 minus 512 MiB for the CUDA context and allocator. On CPU the budget is
 available RAM x 0.85 when known (unbounded otherwise) and a forward/backward pass holds at most
-CPU_TOKENS_PER_MICRO_BATCH tokens (one sequence at least): on CPU, small passes keep the working set in cache,
-which measured faster as well as lighter (SmolLM2, benchmarks/: 4096 -> 1024 tokens per pass took a step from
-112 to 150-168 tokens/s and its peak memory from 12.2 to 3.6 GB).
+CPU_TOKENS_PER_PASS[precision] tokens (one sequence at least): on CPU, small passes keep the working set in
+cache, which measured faster as well as lighter (SmolLM2, benchmarks/: in fp32, 4096 -> 1024 tokens per pass
+took a step from 112 to 150-168 tokens/s and its peak memory from 12.2 to 3.6 GB). bf16-mixed halves the
+activations and multiplies faster in larger products: there 2048-token packed passes measured 1.1x 768-token
+padded ones (272-290 vs 246-260 tokens/s), and 3072 or 4096 were no faster (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ BNB_OPTIMIZERS: tuple[str, ...] = ("adamw_bnb_8bit", "paged_adamw_8bit")
 GiB = 1024**3
 GPU_MARGIN = 0.85
 CUDA_CONTEXT_BYTES = 512 * 1024**2
-CPU_TOKENS_PER_MICRO_BATCH = 1024
+CPU_TOKENS_PER_PASS: dict[str, int] = {"fp32": 1024, "bf16-mixed": 2048}
 DEFAULT_EFFECTIVE_BATCH = 16
 NF4_BYTES_PER_PARAM = 0.55
 LOGIT_BYTES_PER_VOCAB_ENTRY = 12
@@ -676,19 +678,33 @@ def _checkpointing(
 
 
 def _batch(
-    setup: _Setup, flags: PlanFlags, seq: int, device: _Device, checkpointing: bool, goal: int, notes: _Notes
+    setup: _Setup,
+    flags: PlanFlags,
+    seq: int,
+    device: _Device,
+    precision: Precision,
+    mean_tokens: float,
+    checkpointing: bool,
+    goal: int,
+    notes: _Notes,
 ) -> tuple[int, int, int, int]:
     """(micro-batch size, gradient accumulation steps, largest micro-batch that fits, tokens per forward pass)."""
     fits = setup.max_batch(device.budget, seq, checkpointing)
     if device.on_gpu:
         assert fits is not None
         max_batch, limit_why = max(1, fits), f"{max(1, fits)} sequence(s) of {seq} tokens fit"
+        forward_tokens = max_batch * seq
     else:
         # CPU: throughput, not memory, is the limit, and small passes are the fastest (see the module docstring)
-        max_batch = max(1, CPU_TOKENS_PER_MICRO_BATCH // seq)
-        limit_why = f"CPU micro-batches hold at most {CPU_TOKENS_PER_MICRO_BATCH} tokens"
-        if fits is not None and fits < max_batch:
+        per_pass = CPU_TOKENS_PER_PASS.get(precision, CPU_TOKENS_PER_PASS["fp32"])
+        # passes, not micro-batches, hold activations here (a micro-batch runs as passes of at most `per_pass`
+        # tokens), so a micro-batch takes about as many examples of the mean length as one pass holds
+        typical = max(1, min(seq, math.ceil(mean_tokens)))
+        max_batch, forward_tokens = max(1, per_pass // typical), max(seq, per_pass)
+        limit_why = f"CPU passes hold at most {per_pass} tokens in {precision} ({typical} per example on average)"
+        if fits is not None and fits * seq < forward_tokens:
             max_batch, limit_why = max(1, fits), f"{max(1, fits)} sequence(s) of {seq} tokens fit in memory"
+            forward_tokens = max_batch * seq
     if flags.batch_size is not None:
         batch = flags.batch_size
         notes.why("batch_size", "--batch-size")
@@ -704,7 +720,6 @@ def _batch(
     else:
         accumulation = max(1, math.ceil(goal / batch))
         notes.why("gradient_accumulation_steps", f"reach an effective batch of ~{goal} examples")
-    forward_tokens = max_batch * seq
     notes.why("max_forward_tokens", f"{limit_why}: a longer micro-batch runs as several forward/backward passes")
     return batch, accumulation, max_batch, forward_tokens
 
@@ -815,7 +830,9 @@ def plan(
 
     goal = _effective_batch_goal(flags, n_train)
     checkpointing = _checkpointing(setup, handler, flags, seq, device.budget, notes)
-    batch, accumulation, max_batch, forward_tokens = _batch(setup, flags, seq, device, checkpointing, goal, notes)
+    batch, accumulation, max_batch, forward_tokens = _batch(
+        setup, flags, seq, device, precision, data.mean_tokens, checkpointing, goal, notes
+    )
     effective = batch * accumulation
     steps_per_epoch = max(1, math.ceil(n_train / effective))
 

@@ -5,8 +5,9 @@ Two ways, and the trainer picks one:
   padded size (rows x longest row) stays under the budget, and the batches are shuffled, so padding is
   small, memory is bounded and the order is still random between batches;
 - packed batches: examples concatenated into one row with position ids restarting at 0, so nothing
-  is padded. Attention kernels that read the position ids (flash-attention varlen) keep examples apart;
-  on CPU/SDPA transformers builds a dense block-diagonal mask, which costs more than it saves.
+  is padded. Attention that reads the position ids keeps examples apart: flash-attention's varlen kernels on
+  a GPU, `train.packed_attention` (SDPA per example) on CPU. transformers' own SDPA would build a dense
+  block-diagonal mask instead, which costs more than it saves.
 """
 
 from __future__ import annotations
@@ -45,21 +46,25 @@ def token_budget_batches(
     return batches
 
 
-def split_to_budget(batch: Sequence[int], lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
-    """`batch` cut into consecutive pieces whose rows x longest row stays under `max_tokens` (a row over it alone).
+def split_to_budget(
+    batch: Sequence[int], lengths: Sequence[int], max_tokens: int, packed: bool = False
+) -> list[list[int]]:
+    """`batch` cut into consecutive pieces that stay under `max_tokens` (a row over it alone).
 
-    Rows keep their order, so a batch from `token_budget_batches` (ascending lengths) splits with the least padding.
+    A padded piece costs rows x longest row, a packed one the sum of its rows. Rows keep their order, so a batch
+    from `token_budget_batches` (ascending lengths) splits with the least padding.
     """
     pieces: list[list[int]] = []
     current: list[int] = []
-    longest = 0
+    longest = total = 0
     for i in batch:
-        wider = max(longest, lengths[i])
-        if current and (len(current) + 1) * wider > max_tokens:
+        wider, more = max(longest, lengths[i]), total + lengths[i]
+        cost = more if packed else (len(current) + 1) * wider
+        if current and cost > max_tokens:
             pieces.append(current)
-            current, wider = [], lengths[i]
+            current, wider, more = [], lengths[i], lengths[i]
         current.append(i)
-        longest = wider
+        longest, total = wider, more
     if current:
         pieces.append(current)
     return pieces

@@ -12,11 +12,23 @@ from llmbox.errors import UserError
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "bf16-mixed": "float32"}
 
 
-def attention_implementation(device: str, handler_supports_flash: bool) -> str:
-    """flash-attention 2 where it is installed and the family supports it, else PyTorch SDPA."""
-    if device == "cuda" and handler_supports_flash and importlib.util.find_spec("flash_attn") is not None:
+def attention_implementation(device: str, handler_supports_flash: bool, vision: bool = False) -> str:
+    """flash-attention 2 on a GPU where it is installed and the family supports it (varlen packing); on CPU,
+    for the same families' text models, SDPA run per packed example (`packed_attention`); else PyTorch SDPA."""
+    if handler_supports_flash and device == "cuda" and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
+    if handler_supports_flash and device == "cpu" and not vision:
+        from llmbox_engine.train.packed_attention import register
+
+        return register()
     return "sdpa"
+
+
+def takes_packed_rows(attention: str) -> bool:
+    """Whether this attention keeps packed examples apart by their position ids, at no extra cost."""
+    from llmbox_engine.train.packed_attention import PACKED_SDPA
+
+    return attention in ("flash_attention_2", PACKED_SDPA)
 
 
 def require_bitsandbytes(what: str) -> None:

@@ -63,6 +63,7 @@ from llmbox_engine.train.model_setup import (
     load_base_model,
     load_tokenizer,
     require_bitsandbytes,
+    takes_packed_rows,
     wrap_lora,
 )
 from llmbox_engine.train.schedule import learning_rate_at
@@ -232,10 +233,10 @@ class LoraRecipe:
         self.device = torch.device("cuda", p.gpu_index or 0) if p.device == "cuda" else torch.device("cpu")
         if p.device == "cpu":
             torch.manual_seed(p.seed)
-        attention = attention_implementation(p.device, self.handler.supports_flash_attention)
-        # flash-attention's varlen kernels keep packed examples apart at no cost; SDPA would need a dense
-        # block-diagonal mask over the whole row, slower than the padding it saves
-        self.packed = attention == "flash_attention_2" and self.vision is None
+        vision = self.vision is not None
+        attention = attention_implementation(p.device, self.handler.supports_flash_attention, vision)
+        # packed rows keep no padding anywhere; image batches stay padded (their pixels travel per row)
+        self.packed = takes_packed_rows(attention) and not vision
         base = load_base_model(
             self.options.model_path,
             precision=p.precision,
@@ -424,7 +425,7 @@ class LoraRecipe:
         """One optimizer step over `group` micro-batches; each target token weighs the same."""
         p, prog = self.plan, self.progress
         lengths = self.train_lengths
-        passes = [piece for ids in group for piece in split_to_budget(ids, lengths, p.max_forward_tokens)]
+        passes = [piece for ids in group for piece in split_to_budget(ids, lengths, p.max_forward_tokens, self.packed)]
         batches = [self._collate([self.train_set[i] for i in ids]) for ids in passes]
         targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
         lr = learning_rate_at(prog.step, p.learning_rate, prog.schedule_steps)
@@ -480,7 +481,7 @@ class LoraRecipe:
         self.model.eval()
         total, count = 0.0, 0
         for ids in token_budget_batches([len(t) for t in examples], 4 * self.plan.max_seq_length, 16):
-            batch = self._padded([examples[i] for i in ids])
+            batch = self._collate([examples[i] for i in ids])
             with self._autocast():
                 summed, n = loss_sum(self.model, {k: v.to(self.device) for k, v in batch.items()})
             total, count = total + float(summed), count + n
