@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F  # noqa: N812 (the universal alias)
 
 from llmbox_engine.train import loss as loss_module
-from llmbox_engine.train.loss import _fusable, _HeadCrossEntropy
+from llmbox_engine.train.loss import _chunk_loss, _fusable, _HeadCrossEntropy
 
 
-def _reference(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float | None
-) -> torch.Tensor:
-    logits = (hidden @ weight.T).float()
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    return F.cross_entropy(logits, targets, reduction="sum")
+def _frozen_head(weight: torch.Tensor) -> torch.nn.Linear:
+    head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype)
+    head.weight = torch.nn.Parameter(weight, requires_grad=False)
+    return head
 
 
 @pytest.mark.parametrize("softcap", [None, 3.0])
@@ -29,7 +25,7 @@ def test_fused_head_loss_and_gradient_match_the_plain_path(
     hidden = torch.randn(50, 24, dtype=torch.float64)
     targets = torch.randint(0, 300, (50,))
     plain_in, fused_in = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
-    plain = _reference(plain_in, weight, targets, softcap)
+    plain = _chunk_loss(_frozen_head(weight), plain_in, targets, softcap)  # the path a trainable head takes
     fused = _HeadCrossEntropy.apply(fused_in, weight, targets, softcap)
     (2.5 * plain).backward()  # an upstream gradient other than 1 must scale the saved one
     (2.5 * fused).backward()
@@ -43,7 +39,7 @@ def test_fused_head_multiplies_in_the_autocast_dtype_and_skips_the_gradient_with
     weight = torch.randn(200, 32).to(torch.bfloat16)
     hidden, targets = torch.randn(40, 32), torch.randint(0, 200, (40,))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        expected = _reference(hidden.to(torch.bfloat16), weight, targets, None)
+        expected = _chunk_loss(_frozen_head(weight), hidden, targets, None)  # autocast casts the input
         with torch.no_grad():
             fused = _HeadCrossEntropy.apply(hidden, weight, targets, None)
     assert fused.item() == pytest.approx(expected.item(), rel=1e-3)
