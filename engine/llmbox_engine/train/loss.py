@@ -63,12 +63,13 @@ class _HeadCrossEntropy(torch.autograd.Function):
             if softcap:
                 capped = torch.tanh(logits.div_(softcap))
                 logits = capped * softcap
-            lse = torch.logsumexp(logits, dim=-1)
+            # one fused pass for the log-probabilities: logsumexp would write exp(logits - max) to a new buffer
+            log_probs = torch.log_softmax(logits, dim=-1)
             rows = torch.arange(t.shape[0], device=t.device)
-            total += (lse - logits[rows, t]).sum()
+            total -= log_probs[rows, t].sum()
             if grad is None:
                 continue
-            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            probs = log_probs.exp_()  # softmax, in place
             probs[rows, t] -= 1.0
             if capped is not None:
                 probs.mul_(1.0 - capped.square_())  # d(tanh(x / c) c)/dx = 1 - tanh^2
