@@ -17,21 +17,26 @@ if ! docker info >/dev/null 2>&1; then
   docker info >/dev/null 2>&1 || { tail -20 /tmp/llmbox-dockerd.log; echo "dockerd did not come up" >&2; exit 1; }
 fi
 echo "docker engine $(docker version -f '{{.Server.Version}}') answers"
-# compose v2: Debian 12's docker.io has none; trixie's docker-compose .deb carries the plugin (extracted only,
-# the system's package sources untouched)
+# CLI plugins from Debian trixie's packages (extracted only, the system's package sources untouched): compose v2,
+# which Debian 12's docker.io lacks, and buildx, without which a newer docker CLI than docker.io's (some machines
+# ship one in /usr/local/bin) refuses to build with BuildKit
 PLUGINS=/usr/local/lib/docker/cli-plugins
-if ! docker compose version >/dev/null 2>&1; then
+trixie_plugin() {  # trixie_plugin PACKAGE PLUGIN
+  local work mirror
   work=$(mktemp -d)
   mirror=$(awk '/^URIs:/{print $2}' /etc/apt/sources.list.d/debian.sources 2>/dev/null | grep -v security | head -1 || true)
   mkdir -p "$work/lists/partial" "$work/archives/partial" "$work/x"
   echo "deb ${mirror:-http://deb.debian.org/debian} trixie main" >"$work/sources.list"
-  opts=(-o Dir::Etc::sourcelist="$work/sources.list" -o Dir::Etc::sourceparts=- -o Dir::State::lists="$work/lists"
+  local opts=(-o Dir::Etc::sourcelist="$work/sources.list" -o Dir::Etc::sourceparts=- -o Dir::State::lists="$work/lists"
         -o Dir::Cache::archives="$work/archives" -o Dir::Cache::pkgcache= -o Dir::Cache::srcpkgcache=
         -o APT::Sandbox::User=root)
   apt-get "${opts[@]}" update -qq
-  (cd "$work/archives" && apt-get "${opts[@]}" download docker-compose >/dev/null)
-  dpkg -x "$work"/archives/docker-compose_*.deb "$work/x"
-  install -D -m 0755 "$work/x/usr/libexec/docker/cli-plugins/docker-compose" "$PLUGINS/docker-compose"
+  (cd "$work/archives" && apt-get "${opts[@]}" download "$1" >/dev/null)
+  dpkg -x "$work"/archives/"$1"_*.deb "$work/x"
+  install -D -m 0755 "$work/x/usr/libexec/docker/cli-plugins/$2" "$PLUGINS/$2"
   rm -rf "$work"
-fi
+}
+docker compose version >/dev/null 2>&1 || trixie_plugin docker-compose docker-compose
 echo "$(docker compose version)"
+docker buildx version >/dev/null 2>&1 || trixie_plugin docker-buildx docker-buildx
+echo "buildx $(docker buildx version)"
