@@ -11,6 +11,7 @@ from llmbox.errors import UserError
 from llmbox.plan import PlanFlags
 from llmbox_engine import host_view
 from llmbox_engine.train import tensorboard_server
+from llmbox_engine.train.host_memory import keep_freed_memory
 
 PLAN_FLAG_NAMES = tuple(PlanFlags.__dataclass_fields__)
 
@@ -46,6 +47,11 @@ def run_train(model_path: Path, trust_remote_code: bool, values: dict[str, Any])
         json=values["json"],
         trust_remote_code=trust_remote_code,
     )
+    import torch
+
+    if not torch.cuda.is_available():
+        # process-wide, so here in the training process's entry and not in the recipe (tests run it in-process)
+        keep_freed_memory()
     server = None
     if options.tensorboard and not options.dry_run:
         server = tensorboard_server.start(output / "logs" / "training", options.tensorboard_port)

@@ -56,7 +56,6 @@ from llmbox_engine.train.artifacts import (
 )
 from llmbox_engine.train.autostop import Evaluation, StopDecision, decide, rules_from_plan
 from llmbox_engine.train.history_plot import plot_history
-from llmbox_engine.train.host_memory import keep_freed_memory
 from llmbox_engine.train.loss import loss_sum
 from llmbox_engine.train.model_setup import (
     attention_implementation,
@@ -234,7 +233,6 @@ class LoraRecipe:
         self.device = torch.device("cuda", p.gpu_index or 0) if p.device == "cuda" else torch.device("cpu")
         if p.device == "cpu":
             torch.manual_seed(p.seed)
-            keep_freed_memory()  # activations reuse freed heap pages instead of faulting in fresh ones
         vision = self.vision is not None
         attention = attention_implementation(p.device, self.handler.supports_flash_attention, vision)
         # packed rows keep no padding anywhere; image batches stay padded (their pixels travel per row)
