@@ -24,8 +24,15 @@ def start_training(model: Path, out: Path, data: Path, *extra: str, host_cli: bo
         command = [sys.executable, "-m", "llmbox_engine", "train", "--model-path", str(model), *flags]
     # a session of its own, like a terminal's foreground job: Ctrl+C goes to the whole group
     return subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        preexec_fn=takes_ctrl_c,
+    )  # fmt: skip
+
+
+def takes_ctrl_c() -> None:
+    """In the child: SIGINT as a terminal's foreground job has it, even when the tests run from a background
+    shell, which starts them with SIGINT ignored (and Python keeps an inherited SIG_IGN)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.fixture
@@ -118,7 +125,9 @@ def test_tensorboard_only_serves_past_runs(tiny_llama: Path, tmp_path: Path, dat
     llmbox = str(Path(sys.executable).with_name("llmbox"))
     command = [llmbox, "train", str(tiny_llama), "--runtime", "local", "--data", "unused", "--output", str(out),
                "--tensorboard-only", str(port)]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, preexec_fn=takes_ctrl_c
+    )
     try:
         expected = frozenset({"train/loss", "train/learning_rate", "train/grad_norm", "eval/val_loss"})
         run_tags = next(iter(tensorboard_tags(port, expected=expected).values()), {})
