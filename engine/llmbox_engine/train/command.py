@@ -49,7 +49,7 @@ def run_train(model_path: Path, trust_remote_code: bool, values: dict[str, Any])
     )
     import torch
 
-    if not torch.cuda.is_available():
+    if not options.dry_run and not torch.cuda.is_available():
         # process-wide, so here in the training process's entry and not in the recipe (tests run it in-process)
         keep_freed_memory()
     server = None
