@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -86,6 +88,7 @@ def test_container_arguments(tmp_path: Path) -> None:
         7, 8
     )
     assert args[:3] == ["docker", "run", "--rm"] and "--init" in args
+    assert "--interactive" in args and "LLMBOX_LIFELINE=stdin" in args  # stdin is llmbox's lifeline
     assert args[args.index("--user") + 1] == "7:8" and args[args.index("--network") + 1] == "host"
     assert args[args.index("--gpus") + 1] == '"device=0,1"'
     assert f"type=bind,source={tmp_path},target=/work" in args
@@ -133,8 +136,6 @@ def test_compose_tensorboard_answers_on_its_port(cpu_image: str, tmp_path: Path,
 
 
 def test_the_tensorboard_sidecar_container(cpu_image: str, tmp_path: Path, tiny_llama: Path) -> None:
-    import signal
-
     from train_helpers import train
 
     home = tmp_path / "home"
@@ -179,33 +180,85 @@ def test_serve_in_the_container_answers_the_openai_client_with_the_adapter(
     assert left.stdout.strip() == ""
 
 
-def test_ctrl_c_stops_the_train_container_which_saves_its_adapter(
-    cpu_image: str, tmp_path: Path, tiny_llama: Path
-) -> None:
-    import signal
+def containers(prefix: str) -> list[str]:
+    """The containers, running or not, whose names start with `prefix`."""
+    listed = subprocess.run(["docker", "ps", "-a", "--filter", f"name=^{prefix}", "--format", "{{.Names}}"],
+                            capture_output=True, text=True, check=True)  # fmt: skip
+    return listed.stdout.split()
 
-    from train_helpers import finish, wait_for
 
+def wait_no_containers(prefix: str, timeout: float) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while (left := containers(prefix)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return left
+
+
+@pytest.fixture
+def installed_tiny(tmp_path: Path, tiny_llama: Path) -> dict[str, str]:
+    """LLMBOX_HOME with the tiny model installed as `tiny`, and training data beside it."""
     env = {**os.environ, "LLMBOX_HOME": str(tmp_path / "home")}
     assert run_llmbox("install", str(tiny_llama), "--name", "tiny", env=env).returncode == 0
     write_json(tmp_path / "data" / "qa.json", qa_records(40))
-    llmbox = str(Path(sys.executable).with_name("llmbox"))
-    never_stop = ["--mode", "non-stop", "--patience", "100000", "--overfitting-threshold", "1000"]
-    command = [llmbox, "train", "tiny", "--runtime", "docker", "--data", str(tmp_path / "data"), "--skip-test",
-               "--no-tensorboard", *never_stop]  # fmt: skip
-    # a session of its own, like a terminal's foreground job: Ctrl+C goes to the whole group (llmbox and docker)
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                               start_new_session=True)  # fmt: skip
+    return env
+
+
+def test_sigint_to_llmbox_stops_the_train_container_which_saves_and_holds_the_directory_meanwhile(
+    cpu_image: str, tmp_path: Path, installed_tiny: dict[str, str]
+) -> None:
+    from process_helpers import start_training
+    from train_helpers import finish, wait_for
+
+    process = start_training("tiny", None, tmp_path / "data", "--runtime", "docker", host_cli=True, env=installed_tiny)
     wait_for(process, "eval   2", timeout=300)
-    os.killpg(process.pid, signal.SIGINT)
+    (running,) = containers("llmbox-train-tiny-")
+    # a second training on the same model directory, even outside Docker, names the container and stops
+    second = run_llmbox("train", "tiny", "--runtime", "local", "--data", str(tmp_path / "data"), "--max-steps", "1",
+                        env=installed_tiny)  # fmt: skip
+    assert second.returncode == 2 and f"being trained by the container {running}" in second.stderr, second.stderr
+    assert f"`docker kill --signal INT {running}`" in second.stderr
+    process.send_signal(signal.SIGINT)  # to llmbox alone, as a pipeline stops it
     rest = finish(process)
     assert process.returncode == 0, rest
-    assert "stopped: stopped by SIGINT" in rest
+    assert "stopped: stopped by SIGINT" in rest and "aborting" not in rest
     lora = tmp_path / "home" / "models" / "tiny" / "lora"
     assert json.loads((lora / "adapter_info.json").read_text())["stop_reason"] == "stopped by SIGINT"
-    left = subprocess.run(["docker", "ps", "-aq", "--filter", f"ancestor={cpu_image}"], capture_output=True,
-                          text=True, check=True)  # fmt: skip
-    assert left.stdout.strip() == ""  # stopped and removed
+    assert wait_no_containers("llmbox-train-tiny-", timeout=30) == []  # stopped and removed
+
+
+def test_a_killed_llmbox_leaves_no_train_container_behind(
+    cpu_image: str, tmp_path: Path, installed_tiny: dict[str, str]
+) -> None:
+    from process_helpers import command_line, descendants, start_training, wait_gone
+    from train_helpers import wait_for
+
+    process = start_training("tiny", None, tmp_path / "data", "--runtime", "docker", host_cli=True, env=installed_tiny)
+    wait_for(process, "eval   2", timeout=300)
+    client = descendants(process.pid)
+    assert containers("llmbox-train-tiny-") and client
+    process.kill()  # SIGKILL: the docker client's stdin closes, and with it the container's
+    process.wait()
+    assert wait_no_containers("llmbox-train-tiny-", timeout=60) == []
+    assert not wait_gone(client, timeout=30), [command_line(p) for p in client]
+    info = json.loads((tmp_path / "home" / "models" / "tiny" / "lora" / "adapter_info.json").read_text())
+    assert info["stop_reason"] == "stopped by SIGTERM"  # it saved before it went
+
+
+def test_a_killed_llmbox_leaves_no_serve_container_behind(
+    cpu_image: str, tmp_path: Path, installed_tiny: dict[str, str]
+) -> None:
+    from serve_helpers import running_server
+
+    from process_helpers import port_free
+
+    args = ["tiny", "--runtime", "docker", "--no-lora", "--threads", "1"]
+    env = {"LLMBOX_HOME": installed_tiny["LLMBOX_HOME"]}
+    with running_server(args, tmp_path / "serve.log", host_cli=True, env=env) as server:
+        assert containers("llmbox-serve-tiny-")
+        server.process.kill()
+        server.process.wait()
+        assert wait_no_containers("llmbox-serve-tiny-", timeout=60) == []
+        assert port_free(server.port)
 
 
 def test_vision_train_and_serve_in_containers_read_images_from_read_only_mounts(cpu_image: str, tmp_path: Path) -> None:

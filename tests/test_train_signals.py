@@ -12,27 +12,8 @@ from pathlib import Path
 import pytest
 
 from conftest import free_port, tensorboard_tags, write_json
+from process_helpers import start_training, takes_ctrl_c
 from train_helpers import finish, qa_records, wait_for
-
-
-def start_training(model: Path, out: Path, data: Path, *extra: str, host_cli: bool = False) -> subprocess.Popen[str]:
-    flags = ["--data", str(data), "--output", str(out), "--mode", "non-stop", "--no-tensorboard", "--skip-test",
-             "--patience", "100000", "--overfitting-threshold", "1000", *extra]  # fmt: skip
-    if host_cli:
-        command = [str(Path(sys.executable).with_name("llmbox")), "train", str(model), "--runtime", "local", *flags]
-    else:
-        command = [sys.executable, "-m", "llmbox_engine", "train", "--model-path", str(model), *flags]
-    # a session of its own, like a terminal's foreground job: Ctrl+C goes to the whole group
-    return subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        preexec_fn=takes_ctrl_c,
-    )  # fmt: skip
-
-
-def takes_ctrl_c() -> None:
-    """In the child: SIGINT as a terminal's foreground job has it, even when the tests run from a background
-    shell, which starts them with SIGINT ignored (and Python keeps an inherited SIG_IGN)."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.fixture
@@ -57,29 +38,38 @@ def test_a_signal_finishes_the_step_saves_and_exits_zero(
     assert (out / "checkpoints" / "last" / "training_state.pt").is_file()
 
 
-def test_ctrl_c_through_the_host_cli_reaches_the_engine(tiny_llama: Path, tmp_path: Path, data: Path) -> None:
-    out = tmp_path / "out"
-    process = start_training(tiny_llama, out, data, host_cli=True)
-    wait_for(process, "eval   2")
-    os.killpg(process.pid, signal.SIGINT)
-    rest = finish(process)
-    assert process.returncode == 0, rest
-    assert (out / "lora" / "adapter_model.safetensors").is_file()
-    # the saved adapter loads with plain peft
+def loads_with_peft(base: Path, adapter: Path) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), out / "lora")
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)
 
 
-def test_sigterm_to_the_host_cli_is_passed_on(tiny_llama: Path, tmp_path: Path, data: Path) -> None:
+def test_ctrl_c_through_the_host_cli_reaches_the_engine_once(tiny_llama: Path, tmp_path: Path, data: Path) -> None:
     out = tmp_path / "out"
     process = start_training(tiny_llama, out, data, host_cli=True)
     wait_for(process, "eval   2")
-    process.send_signal(signal.SIGTERM)  # to llmbox alone, as a supervisor would
+    os.killpg(process.pid, signal.SIGINT)  # a terminal's Ctrl+C: to every process of the foreground group
     rest = finish(process)
     assert process.returncode == 0, rest
-    assert "stopped by SIGTERM" in rest
+    assert "stopped: stopped by SIGINT" in rest and "aborting" not in rest  # one Ctrl+C, one signal
+    loads_with_peft(tiny_llama, out / "lora")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_to_llmbox_alone_stops_the_engine_cleanly(
+    tiny_llama: Path, tmp_path: Path, data: Path, sig: int
+) -> None:
+    """What a pipeline does: `Popen.send_signal` to the llmbox process, not to a terminal's group."""
+    out = tmp_path / "out"
+    process = start_training(tiny_llama, out, data, host_cli=True)
+    wait_for(process, "eval   2")
+    process.send_signal(sig)
+    rest = finish(process)
+    name = signal.Signals(sig).name
+    assert process.returncode == 0, rest
+    assert f"stopped: stopped by {name}" in rest and "aborting" not in rest
+    loads_with_peft(tiny_llama, out / "lora")
 
 
 def test_a_second_ctrl_c_aborts_without_a_half_written_adapter(tiny_llama: Path, tmp_path: Path, data: Path) -> None:

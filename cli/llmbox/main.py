@@ -22,7 +22,6 @@ from llmbox.options import (
     to_argv,
     with_options,
 )
-from llmbox.runtime.attached import run_attached
 from llmbox.runtime.local import run_engine
 
 
@@ -128,7 +127,9 @@ def train(
         *flags,
         *to_argv(TRAIN_OPTIONS, values),
     ]
-    sys.exit(docker.run_container(docker.ContainerSpec(chosen, command, mounts, gpus=gpus, model_name=home.name)))
+    name = docker.container_name("train", home.name)
+    spec = docker.ContainerSpec(chosen, command, mounts, gpus=gpus, name=name, model_name=home.name)
+    sys.exit(docker.run_container(spec))
 
 
 @cli.command()
@@ -189,7 +190,8 @@ def serve(
         adapter_dir = ["--adapter-dir", f"/adapters/{lora.name}"]
     command = ["python", "-m", "llmbox_engine", "serve", "--model-path", "/model", *flags, *adapter_dir, *options]
     secrets = (("LLMBOX_API_KEY", api_key),) if api_key else ()
-    spec = docker.ContainerSpec(chosen, command, mounts, gpus=gpus, model_name=home.name, secrets=secrets)
+    name = docker.container_name("serve", home.name)
+    spec = docker.ContainerSpec(chosen, command, mounts, gpus=gpus, name=name, model_name=home.name, secrets=secrets)
     sys.exit(docker.run_container(spec))
 
 
@@ -255,12 +257,13 @@ def tensorboard(model: str, port: int, host: str, runtime: str, image: str | Non
     address = ["--host", host, "--port", str(port)]
     click.echo(f"tensorboard: http://{host}:{port}/  (Ctrl+C stops it)", err=True)
     if choose_runtime(runtime) == "local":
-        sys.exit(run_attached([sys.executable, "-m", "tensorboard.main", "--logdir", str(logs), *address]))
+        sys.exit(run_engine("tensorboard", ["--logdir", str(logs), *address], needs=("tensorboard",)))
     from llmbox.runtime import docker
 
     chosen, _ = engine_image(image, None)
-    command = ["tensorboard", "--logdir", "/work/logs", *address]
-    sys.exit(docker.run_container(docker.ContainerSpec(chosen, command, [docker.Mount(home.root, "/work")])))
+    command = ["python", "-m", "llmbox_engine", "tensorboard", "--logdir", "/work/logs", *address]
+    name = docker.container_name("tensorboard", home.name)
+    sys.exit(docker.run_container(docker.ContainerSpec(chosen, command, [docker.Mount(home.root, "/work")], name=name)))
 
 
 @cli.command()

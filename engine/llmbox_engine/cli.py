@@ -16,6 +16,9 @@ from llmbox.options import DATA_REPORT_OPTIONS, SERVE_OPTIONS, TRAIN_OPTIONS, co
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 def engine() -> None:
     """llmbox engine commands."""
+    from llmbox_engine import lifeline
+
+    lifeline.hold()  # started by llmbox: stop when it ends
 
 
 @engine.command()
@@ -68,6 +71,17 @@ def train(model_path: Path, trust_remote_code: bool, **values: Any) -> None:
     from llmbox_engine.train.command import run_train
 
     run_train(model_path, trust_remote_code, values)
+
+
+@engine.command()
+@click.option("--logdir", type=click.Path(path_type=Path), required=True, help="The training logs (each run a folder).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (0.0.0.0 shares it on the network).")
+@click.option("--port", type=click.IntRange(1, 65535), default=6006, show_default=True)
+def tensorboard(logdir: Path, host: str, port: int) -> None:
+    """Serve TensorBoard on LOGDIR (what `llmbox tensorboard` and a training's sidecar run)."""
+    from llmbox_engine.train.tensorboard_server import serve_forever
+
+    serve_forever(logdir, port, host)
 
 
 @engine.command()

@@ -4,7 +4,9 @@ What a container gets: the model's weights read-only at /model, each local `--da
 /data (the spec rewritten to match; a Hugging Face name passes through), the model directory read-write at
 /work (lora/, checkpoints/, logs/), the caller's uid:gid so files on the host belong to the caller, `--init`
 so signals reach the engine (Ctrl+C saves the adapter), the host's network (servers bind loopback by
-default), a shared-memory size fit for data loaders, and the GPUs asked for.
+default), a shared-memory size fit for data loaders, and the GPUs asked for. It is named
+(`llmbox-train-<model>-<id>`), so a second training on the same model directory can say which container holds
+it, and removed when it ends. Its stdin is llmbox's lifeline (`-i`): when llmbox ends, so does the engine.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import tempfile
@@ -20,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmbox.errors import UserError
-from llmbox.runtime.attached import run_attached
+from llmbox.runtime.attached import LIFELINE_ENV, run_attached
 from llmbox.runtime.build_context import build_context
 
 CPU_IMAGE = "llmbox/engine:cpu"
@@ -76,6 +79,12 @@ def _glob_base(path: Path) -> tuple[Path, str]:
     return base, str(absolute.relative_to(base))
 
 
+def container_name(command: str, model: str) -> str:
+    """A name Docker accepts, that says what runs and on which model, and is new each time."""
+    model = re.sub(r"[^a-zA-Z0-9_.-]+", "-", model).strip("-.") or "model"
+    return f"llmbox-{command}-{model}-{secrets.token_hex(3)}"
+
+
 def gpu_args(gpus: str | None) -> list[str]:
     """`--gpus all`, `--gpus 0,1` -> Docker's device request; None: no GPU (the CPU image)."""
     if gpus is None:
@@ -100,7 +109,8 @@ class ContainerSpec:
     secrets: tuple[tuple[str, str], ...] = ()
 
     def run_args(self, uid: int, gid: int) -> list[str]:
-        args = ["docker", "run", "--rm", "--init", "--network", "host", "--shm-size", "2g", "--user", f"{uid}:{gid}"]
+        args = ["docker", "run", "--rm", "--init", "--interactive", "--network", "host", "--shm-size", "2g",
+                "--user", f"{uid}:{gid}"]  # fmt: skip
         if self.name:
             args += ["--name", self.name]
         args += gpu_args(self.gpus)
@@ -112,6 +122,9 @@ class ContainerSpec:
         env.append(("LLMBOX_HOST_PATHS", json.dumps({m.target: str(m.source) for m in self.mounts})))
         if self.model_name:
             env.append(("LLMBOX_MODEL_NAME", self.model_name))
+        if self.name:
+            env.append(("LLMBOX_CONTAINER_NAME", self.name))  # for the training lock's "held by" message
+        env.append((LIFELINE_ENV, "stdin"))
         for key, value in env:
             args += ["--env", f"{key}={value}"]
         for key, _ in self.secrets:

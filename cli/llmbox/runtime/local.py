@@ -17,9 +17,9 @@ def engine_available() -> bool:
     return all(importlib.util.find_spec(name) is not None for name in ENGINE_PACKAGES)
 
 
-def run_engine(command: str, argv: Sequence[str]) -> int:
-    """Run `python -m llmbox_engine COMMAND ARGV...`; its output streams straight to the terminal."""
-    missing = [name for name in ENGINE_PACKAGES if importlib.util.find_spec(name) is None]
+def run_engine(command: str, argv: Sequence[str], needs: Sequence[str] = ENGINE_PACKAGES) -> int:
+    """Run `python -m llmbox_engine COMMAND ARGV...`, tied to this process; its output streams to the terminal."""
+    missing = [name for name in needs if importlib.util.find_spec(name) is None]
     if missing:
         raise UserError(
             f"the engine's packages are not installed here ({', '.join(missing)} missing): "

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +10,7 @@ from llmbox.plan import PlanFlags
 from llmbox_engine import host_view
 from llmbox_engine.train import tensorboard_server
 from llmbox_engine.train.host_memory import keep_freed_memory
+from llmbox_engine.train.writer_lock import exclusive_writer
 
 PLAN_FLAG_NAMES = tuple(PlanFlags.__dataclass_fields__)
 
@@ -28,6 +27,17 @@ def run_train(model_path: Path, trust_remote_code: bool, values: dict[str, Any])
         return
     if not (model_path / "config.json").is_file():
         raise UserError(f"{model_path}: not a model folder (no config.json)")
+    if values["dry_run"]:
+        train(model_path, output, trust_remote_code, values)
+        return
+    # one training per model directory: taken before anything slow, so a second run stops at once
+    with exclusive_writer(output):
+        train(model_path, output, trust_remote_code, values)
+
+
+def train(model_path: Path, output: Path, trust_remote_code: bool, values: dict[str, Any]) -> None:
+    import torch
+
     from llmbox_engine.train.recipe import LoraRecipe, TrainOptions
 
     options = TrainOptions(
@@ -47,13 +57,14 @@ def run_train(model_path: Path, trust_remote_code: bool, values: dict[str, Any])
         json=values["json"],
         trust_remote_code=trust_remote_code,
     )
-    import torch
-
-    if not options.dry_run and not torch.cuda.is_available():
+    if options.dry_run:
+        LoraRecipe(options).run()
+        return
+    if not torch.cuda.is_available():
         # process-wide, so here in the training process's entry and not in the recipe (tests run it in-process)
         keep_freed_memory()
     server = None
-    if options.tensorboard and not options.dry_run:
+    if options.tensorboard:
         server = tensorboard_server.start(output / "logs" / "training", options.tensorboard_port)
     try:
         LoraRecipe(options).run()
@@ -67,7 +78,4 @@ def serve_tensorboard(logdir: Path, port: int) -> None:
     if not tensorboard_server.port_free(port):
         raise UserError(f"port {port} is in use: pick another with --tensorboard-only PORT")
     print(f"tensorboard: http://127.0.0.1:{port}/  (logs in {logdir}; Ctrl+C to stop)", flush=True)
-    try:
-        subprocess.run(tensorboard_server.command(logdir, port), check=False)
-    except KeyboardInterrupt:
-        print("tensorboard stopped", file=sys.stderr)
+    tensorboard_server.serve_forever(logdir, port)

@@ -49,10 +49,16 @@ from llmbox_engine.data.split import split_examples
 from llmbox_engine.train import console as out
 from llmbox_engine.train.adaptive import AdaptiveState, adapt
 from llmbox_engine.train.artifacts import (
+    TRAINING_STATE,
+    checkpoint_problem,
+    checkpoint_step,
     copy_checkpoint,
+    latest_whole_checkpoint,
     model_fingerprint,
     prune_checkpoints,
     publish_adapter,
+    seal_checkpoint,
+    write_errors_reported,
 )
 from llmbox_engine.train.autostop import Evaluation, StopDecision, decide, rules_from_plan
 from llmbox_engine.train.history_plot import plot_history
@@ -66,6 +72,7 @@ from llmbox_engine.train.model_setup import (
     takes_packed_rows,
     wrap_lora,
 )
+from llmbox_engine.train.scalar_log import ScalarLog
 from llmbox_engine.train.schedule import learning_rate_at
 from llmbox_engine.train.signals import GracefulStop
 from llmbox_engine.train.state import Progress, load_training_state, restore_rng, save_training_state
@@ -183,7 +190,7 @@ class LoraRecipe:
         if self.vision is not None:
             self.plan = self.vision.modest_batches(self.plan)
         self.resume_state: dict[str, Any] | None = None
-        resume_dir = o.resume_from or (self.checkpoints / "last" if o.resume else None)
+        resume_dir = self._resume_folder()
         if resume_dir is not None:
             self.resume_state = self._load_resume_state(resume_dir)
             saved = self.resume_state["plan"]
@@ -211,10 +218,27 @@ class LoraRecipe:
         if truncated:
             out.console.print(f"{truncated} example(s) longer than {self.plan.max_seq_length} tokens were truncated")
 
+    def _resume_folder(self) -> Path | None:
+        """--resume-from as given (it must be whole), or for --resume the newest whole checkpoint."""
+        o = self.options
+        if o.resume_from is not None:
+            problem = checkpoint_problem(o.resume_from)
+            if problem is not None:
+                raise UserError(f"{o.resume_from}: cannot resume from it: {problem}")
+            return o.resume_from
+        if not o.resume:
+            return None
+        found = latest_whole_checkpoint(self.checkpoints, lambda m: out.console.print(f"warning: {m}", style="yellow"))
+        if found is None:
+            where = host_view.host_path(self.checkpoints)
+            raise UserError(f"{where}: no checkpoint to resume from (none there is whole)")
+        return found
+
     def _load_resume_state(self, folder: Path) -> dict[str, Any]:
-        if not (folder / "training_state.pt").is_file():
-            raise UserError(f"{folder}: no checkpoint to resume from (training_state.pt missing)")
-        return load_training_state(folder) | {"folder": folder}
+        try:
+            return load_training_state(folder) | {"folder": folder}
+        except (OSError, RuntimeError, EOFError) as exc:  # a checkpoint saved before manifests, damaged since
+            raise UserError(f"{folder / TRAINING_STATE}: unreadable ({exc}); resume from an older checkpoint") from None
 
     @staticmethod
     def _truncated(tokenized: Sequence[TokenizedExample], limit: int) -> list[TokenizedExample]:
@@ -301,10 +325,9 @@ class LoraRecipe:
         self.run_name = datetime.now().strftime("%Y%m%d-%H%M%S")
         self.writer = self._tensorboard_writer()
 
-    def _tensorboard_writer(self) -> Any:
-        from torch.utils.tensorboard import SummaryWriter
-
-        return SummaryWriter(str(self.output / "logs" / "training" / self.run_name))
+    def _tensorboard_writer(self) -> ScalarLog:
+        warn = functools.partial(out.console.print, style="yellow")
+        return ScalarLog(self.output / "logs" / "training" / self.run_name, warn)
 
     # ---- the loop ----------------------------------------------------------------------------------------
 
@@ -354,6 +377,8 @@ class LoraRecipe:
         self.started = time.monotonic() - prog.train_seconds
         self.model.train()
         steps_since_eval, loss_since_eval = 0, 0.0
+        if p.max_steps is not None and prog.step >= p.max_steps:  # resumed where a run had already got to
+            return f"reached --max-steps {p.max_steps}"
         while True:
             batches = self.epoch_batches(prog.epoch, prog.batch_size)
             while prog.batch_in_epoch < len(batches):
@@ -540,48 +565,51 @@ class LoraRecipe:
     def save_checkpoint(self, best: bool = False) -> Path:
         """checkpoint-N (then pruned), copied to last/ and, for a new best, to best/."""
         numbered = self.checkpoints / f"checkpoint-{self.progress.step}"
-        with staged_dir(numbered) as staging:
-            self.model.save_pretrained(str(staging), safe_serialization=True)
-            save_training_state(staging, self.progress, self.optimizer, self.plan.to_dict())
-        copy_checkpoint(numbered, self.checkpoints / "last")
-        if best:
-            copy_checkpoint(numbered, self.checkpoints / "best")
-        prune_checkpoints(self.checkpoints, self.plan.save_total_limit)
+        with self._writing(numbered.name):
+            with staged_dir(numbered) as staging:
+                self.model.save_pretrained(str(staging), safe_serialization=True)
+                save_training_state(staging, self.progress, self.optimizer, self.plan.to_dict())
+                seal_checkpoint(staging, self.progress.step)
+            copy_checkpoint(numbered, self.checkpoints / "last")
+            if best:
+                copy_checkpoint(numbered, self.checkpoints / "best")
+            prune_checkpoints(self.checkpoints, self.plan.save_total_limit)
         return numbered
+
+    def _writing(self, what: str) -> contextlib.AbstractContextManager[None]:
+        return write_errors_reported(what, self.lora_dir, host_view.host_path)
 
     def finish(self, stop_reason: str) -> TrainResult:
         prog = self.progress
         prog.stop_reason = stop_reason
         last = self.checkpoints / "last"
-        if not (last / "training_state.pt").is_file() or self._checkpoint_step(last) != prog.step:
+        if checkpoint_step(last) != prog.step or checkpoint_problem(last) is not None:
             self.save_checkpoint()
         self.writer.close()
-        source = self.checkpoints / "best" if (self.checkpoints / "best").is_dir() else last
-        adapter = publish_adapter(source, self.lora_dir, self.adapter_info(source))
+        best = self.checkpoints / "best"
+        source = best if checkpoint_problem(best) is None else last
         decision = decide(prog.evaluations, self.stop_rules)
         mode = "circular" if self.plan.circular else self.plan.mode
-        plot_history(
-            prog.train_points,
-            prog.evaluations,
-            decision.best_index,
-            self.output / "training_history.png",
-            f"{self.options.model_name}: LoRA r{self.plan.lora_r}, {mode} mode",
-        )
+        with self._writing(f"the adapter to {self.lora_dir.name}/"):
+            adapter = publish_adapter(source, self.lora_dir, self.adapter_info(source))
+        try:
+            plot_history(
+                prog.train_points,
+                prog.evaluations,
+                decision.best_index,
+                self.output / "training_history.png",
+                f"{self.options.model_name}: LoRA r{self.plan.lora_r}, {mode} mode",
+            )
+        except OSError as exc:  # the adapter is out; a plot that cannot be written is worth a warning, not an error
+            out.console.print(f"warning: training_history.png not written: {exc.strerror or exc}", style="yellow")
         out.console.print(f"[bold]stopped:[/] {stop_reason}")
         shown = host_view.host_path
-        out.console.print(f"adapter: {shown(adapter)}  (from {source.name}, step {self._checkpoint_step(source)})")
+        out.console.print(f"adapter: {shown(adapter)}  (from {source.name}, step {checkpoint_step(source)})")
         plot = shown(self.output / "training_history.png")
         out.console.print(f"checkpoints: {shown(self.checkpoints)}   plot: {plot}")
         if not self.options.skip_test:
             self.sample_answers(adapter)
         return TrainResult(adapter, stop_reason, prog.step, prog.best_val)
-
-    @staticmethod
-    def _checkpoint_step(folder: Path) -> int | None:
-        import json
-
-        state = folder / "trainer_state.json"
-        return json.loads(state.read_text())["step"] if state.is_file() else None
 
     def adapter_info(self, source: Path) -> dict[str, Any]:
         prog = self.progress
@@ -609,7 +637,7 @@ class LoraRecipe:
                 "task": self.ingest.task,
             },
             "published_checkpoint": source.name,
-            "published_step": self._checkpoint_step(source),
+            "published_step": checkpoint_step(source),
             "final_train_loss": final.train_loss if final else None,
             "final_val_loss": final.val_loss if final else None,
             "best_val_loss": prog.best_val,

@@ -1,5 +1,5 @@
-"""Ctrl+C and SIGTERM during training: the first asks for a clean stop (finish the step, save, exit 0),
-the second aborts at once."""
+"""Ctrl+C, SIGTERM and SIGHUP during training: the first asks for a clean stop (finish the step, save, exit 0),
+the second aborts at once. llmbox passes each signal it gets on exactly once (`llmbox.runtime.attached`)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ class GracefulStop:
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> GracefulStop:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -53,7 +54,10 @@ def save_training_state(folder: Path, progress: Progress, optimizer: Any, plan: 
     }
     if torch.cuda.is_available():
         state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(state, folder / TRAINING_STATE)
+    # through memory, so a failed write is the OSError it is (torch.save to a file says only "unexpected pos")
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    (folder / TRAINING_STATE).write_bytes(buffer.getbuffer())
     summary = {k: v for k, v in progress.to_dict().items() if k != "train_points"}
     write_json(folder / TRAINER_STATE, summary)
 

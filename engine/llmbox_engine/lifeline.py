@@ -1,0 +1,43 @@
+"""The engine's half of the lifeline (`llmbox.runtime.attached`): stop when the llmbox process that started us ends.
+
+llmbox holds the write end of our stdin and never writes. End-of-file means it is gone, however it ended
+(SIGKILL, the OOM killer, a CI timeout), and whether we run beside it or in a container behind a docker
+client. We then stop as if told to by SIGTERM: training finishes its step and saves, the server closes its
+port. If that takes longer than the grace period, the process exits anyway: an orphan must not live on.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+
+from llmbox.runtime.attached import LIFELINE_ENV
+
+GRACE_SECONDS = 120.0
+ORPHAN_EXIT_CODE = 137
+
+
+def hold(grace_seconds: float = GRACE_SECONDS) -> bool:
+    """Watch stdin when llmbox made it our lifeline; True if it did. Children we start do not inherit the role."""
+    if os.environ.pop(LIFELINE_ENV, None) != "stdin":
+        return False
+    threading.Thread(target=_watch, args=(sys.stdin.fileno(), grace_seconds), name="lifeline", daemon=True).start()
+    return True
+
+
+def _watch(fd: int, grace_seconds: float) -> None:
+    try:
+        # the bare descriptor, not sys.stdin: a daemon thread blocked inside a buffered reader holds its lock,
+        # which interpreter shutdown then waits for and aborts on
+        while os.read(fd, 4096):
+            pass  # llmbox writes nothing; whatever arrives is not ours to read
+    except OSError:
+        pass  # a closed or broken stdin says the same as end-of-file
+    print("llmbox, which started this engine, has ended: stopping", file=sys.stderr, flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(grace_seconds)
+    print(f"still running {grace_seconds:.0f} s after llmbox ended: exiting now", file=sys.stderr, flush=True)
+    os._exit(ORPHAN_EXIT_CODE)
