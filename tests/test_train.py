@@ -178,11 +178,14 @@ def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path: Path, tiny_llama
         LoraRecipe(TrainOptions(tiny_llama, tmp_path, str(qa_file(tmp_path)), PlanFlags(), resume=True)).run()
 
 
-def test_out_of_memory_retries_once_at_half_the_batch(
+def test_out_of_memory_retries_the_same_step_in_smaller_passes_and_continues_where_it_was(
     tmp_path: Path, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from llmbox_engine.train.recipe import LoraRecipe
 
+    data = qa_file(tmp_path, 40)
+    flags = {"batch_size": 8, "gradient_accumulation_steps": 1, "max_steps": 4, "learning_rate": 1e-2}
+    train(tiny_llama, tmp_path / "whole", data, **flags)
     real = LoraRecipe._accumulate
     calls = {"n": 0}
 
@@ -193,12 +196,16 @@ def test_out_of_memory_retries_once_at_half_the_batch(
         return real(self, batches, targets)
 
     monkeypatch.setattr(LoraRecipe, "_accumulate", flaky)
-    result = train(
-        tiny_llama, tmp_path, qa_file(tmp_path, 40), batch_size=8, gradient_accumulation_steps=1, max_steps=4
-    )
+    result = train(tiny_llama, tmp_path / "retried", data, **flags)
     assert result.steps == 4
-    plan = adapter_info(tmp_path)["plan"]
-    assert (plan["batch_size"], plan["gradient_accumulation_steps"]) == (4, 2)
+    whole, retried = adapter_info(tmp_path / "whole"), adapter_info(tmp_path / "retried")
+    assert retried["plan"]["max_forward_tokens"] == whole["plan"]["max_forward_tokens"] // 2
+    assert (retried["plan"]["batch_size"], retried["plan"]["gradient_accumulation_steps"]) == (8, 1)
+    # the same examples in the same order, none twice: the run ends where the uninterrupted one did
+    seen = [json.loads((tmp_path / run / "checkpoints" / "last" / "trainer_state.json").read_text())["tokens_seen"]
+            for run in ("whole", "retried")]  # fmt: skip
+    assert seen[0] == seen[1]
+    assert retried["final_val_loss"] == pytest.approx(whole["final_val_loss"], rel=1e-3)
 
 
 def test_config_file_sets_options_and_the_command_line_wins(tmp_path: Path, tiny_llama: Path) -> None:

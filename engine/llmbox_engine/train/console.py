@@ -128,10 +128,10 @@ def _clip(text: str, limit: int = 300) -> str:
 class StepBar:
     """A progress bar between evaluations, on a terminal only: logs get the status lines alone."""
 
-    def __init__(self) -> None:
+    def __init__(self, enabled: bool = True) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        self.enabled = console.is_terminal
+        self.enabled = enabled and console.is_terminal
         self.progress = Progress(
             TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TimeRemainingColumn(), console=console, transient=True, disable=not self.enabled,

@@ -22,9 +22,13 @@ def _quiet_about_writer_failures(args: threading.ExceptHookArgs) -> None:
 
 
 class ScalarLog:
-    def __init__(self, folder: Path, warn: Any) -> None:
+    """`enabled=False`: writes nothing (the processes of a distributed run other than the main one)."""
+
+    def __init__(self, folder: Path, warn: Any, enabled: bool = True) -> None:
         self._warn = warn
         self._writer: Any = None
+        if not enabled:
+            return
         threading.excepthook = _quiet_about_writer_failures
         try:
             from torch.utils.tensorboard import SummaryWriter

@@ -1,4 +1,4 @@
-"""What changes when the training data has images: the recipe asks this module, and stays one recipe.
+"""The pipeline of a multimodal model (`train/pipelines.py`): what changes when the training data has images.
 
 A multimodal model (a handler with `multimodal=True` and a config with a `vision_config`) is loaded with
 AutoModelForImageTextToText and its AutoProcessor. Examples are rendered by `VisionRenderer` (loss only on
@@ -20,19 +20,22 @@ from llmbox_engine.data.images import load_image
 from llmbox_engine.data.render import TokenizedExample
 from llmbox_engine.data.render_vision import (
     VisionCollator,
-    VisionExample,
     VisionRenderer,
     chat_messages,
     cut_to,
     image_count,
     image_token_ids,
 )
+from llmbox_engine.train.model_setup import attention_implementation
 from llmbox_handlers import Handler
 
 MAX_VISION_BATCH = 4
 
 
-class VisionTraining:
+class VisionPipeline:
+    multimodal = True
+    packed = False  # image batches stay padded: their pixels travel per row
+
     def __init__(self, model_path: Path, handler: Handler, trust_remote_code: bool = False) -> None:
         from transformers import AutoProcessor
 
@@ -43,10 +46,10 @@ class VisionTraining:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.collate = VisionCollator(self.processor, self.tokenizer.pad_token_id)
 
-    def tokenize(self, examples: Sequence[Example], max_seq_length: int) -> list[VisionExample]:
-        return VisionRenderer(self.processor, None, max_seq_length).tokenize(examples)
+    def tokenize(self, examples: Sequence[Example], max_seq_length: int) -> list[TokenizedExample]:
+        return [*VisionRenderer(self.processor, None, max_seq_length).tokenize(examples)]
 
-    def truncated(
+    def truncate(
         self, tokenized: Sequence[TokenizedExample], limit: int, examples: Sequence[Example]
     ) -> list[TokenizedExample]:
         """Cut to the plan's length; an image is never cut (that example is refused, naming its record).
@@ -56,7 +59,7 @@ class VisionTraining:
         image_ids = image_token_ids(self.processor)
         return [cut_to(e, t, limit, image_ids) for t, e in zip(tokenized, examples, strict=True)]
 
-    def modest_batches(self, plan: TrainingPlan) -> TrainingPlan:
+    def fit_plan(self, plan: TrainingPlan) -> TrainingPlan:
         """At most MAX_VISION_BATCH rows per micro-batch; accumulation makes up the planned effective batch."""
         if plan.batch_size <= MAX_VISION_BATCH:
             return plan
@@ -68,8 +71,12 @@ class VisionTraining:
             gradient_accumulation_steps=accumulation,
         )
 
-    def lora_targets(self, target_modules: tuple[str, ...] | None) -> str:
-        return self.handler.vision_lora_targets(target_modules)
+    def choose_attention(self, device: str) -> str:
+        # image batches stay padded: their pixels travel per row
+        return attention_implementation(device, self.handler.supports_flash_attention, vision=True)
+
+    def lora_targets(self, planned: tuple[str, ...] | None) -> str:
+        return self.handler.vision_lora_targets(planned)
 
     def answer(self, model: Any, example: Example, device: Any, max_new_tokens: int = 96) -> str:
         """A greedy answer to the example's conversation minus its last turn, images included."""

@@ -1,0 +1,90 @@
+"""Who this process is among a training's processes, and the few collectives the training loop needs.
+
+One process (the default, and what `llmbox train` runs on one device): rank 0 of 1, every collective returns
+its input and costs nothing. Under torchrun (RANK, WORLD_SIZE and LOCAL_RANK in the environment) the context
+joins the process group (NCCL on GPUs, gloo on CPU) and the same calls reduce across processes. Reductions run
+in float64 on CPU tensors through gloo-safe dtypes: bf16 collectives fail on gloo.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """The one process that prints, logs, saves and publishes."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @classmethod
+    def from_environment(cls) -> DistributedContext:
+        """Join torchrun's process group when launched by it; a single process otherwise."""
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size == 1:
+            return cls()
+        import torch
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            dist.init_process_group(backend)
+        return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+    def sum(self, values: Sequence[float]) -> list[float]:
+        """Element-wise sums over every process."""
+        if not self.distributed:
+            return list(values)
+        import torch
+        import torch.distributed as dist
+
+        tensor = torch.tensor(list(values), dtype=torch.float64, device=self._device())
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return [float(v) for v in tensor.cpu()]
+
+    def max(self, value: int) -> int:
+        if not self.distributed:
+            return value
+        import torch
+        import torch.distributed as dist
+
+        tensor = torch.tensor([value], dtype=torch.int64, device=self._device())
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return int(tensor.item())
+
+    def any(self, flag: bool) -> bool:
+        """True on every process when it is true on one (a stop asked of any rank stops them all, together)."""
+        return bool(self.max(int(flag)))
+
+    def share(self, items: Sequence[Any]) -> list[Any]:
+        """This process's share of a list every process built alike: every world_size-th item from its rank."""
+        return list(items[self.rank :: self.world_size])
+
+    def barrier(self) -> None:
+        if self.distributed:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.distributed:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+    def _device(self) -> Any:
+        import torch
+
+        return torch.device("cuda", self.local_rank) if torch.cuda.is_available() else torch.device("cpu")

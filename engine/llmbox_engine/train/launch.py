@@ -1,0 +1,73 @@
+"""Training on several devices: torchrun, run in this process, starts one worker per device.
+
+The process that calls `launch` is torchrun's agent: it keeps the model directory's lock and llmbox's
+lifeline, and each worker is `python -m llmbox_engine train` with the same options, which finds RANK and
+WORLD_SIZE in its environment and joins the process group (`distributed.py`). torchrun passes each signal the
+agent gets to every worker once, and gives them `SHUTDOWN_SECONDS` to finish the step and save. It then
+reports the signal as a failure; the workers know better: rank 0 writes the run's result to a file when it
+has published, so a stop that saved ends with exit 0, and one that did not says so. A worker that fails
+makes torchrun stop the others, and the agent names the rank in one `error:` line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from llmbox.errors import UserError
+
+RESULT_ENV = "LLMBOX_RESULT_FILE"  # where rank 0 writes the result of a finished run
+SHUTDOWN_SECONDS = 300  # after a signal: time to finish the step and save before torchrun kills the workers
+
+
+def under_torchrun() -> bool:
+    """This process is a worker that torchrun started (its rank, and the world's size, in the environment)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def launch(nproc_per_node: int, worker_argv: list[str]) -> dict[str, Any]:
+    """Run `python -m llmbox_engine train WORKER_ARGV` in `nproc_per_node` processes; rank 0's result."""
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    with tempfile.TemporaryDirectory(prefix="llmbox-launch-") as scratch:
+        result = Path(scratch) / "result.json"
+        os.environ[RESULT_ENV] = str(result)
+        args = [
+            "--standalone", "--nproc-per-node", str(nproc_per_node), "--max-restarts", "0",
+            "--monitor-interval", "0.5", "--shutdown-timeout", str(SHUTDOWN_SECONDS),
+            "-m", "llmbox_engine", "train", *worker_argv,
+        ]  # fmt: skip
+        try:
+            torchrun.main(args)
+        except SignalException as exc:
+            if not result.is_file():
+                name = signal.Signals(exc.sigval).name
+                raise UserError(f"stopped by {name} before rank 0 had saved the adapter") from None
+        except ChildFailedError as exc:
+            raise UserError(failure_message(exc.failures)) from None
+        if not result.is_file():
+            raise UserError("the training processes ended without a result from rank 0")
+        found: dict[str, Any] = json.loads(result.read_text())
+        return found
+
+
+def failure_message(failures: dict[int, Any]) -> str:
+    """Which rank failed first and how; the others were stopped because of it."""
+    rank, failure = min(failures.items(), key=lambda item: (item[1].timestamp, item[0]))
+    code = failure.exitcode
+    how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+    others = " (its error is above); the other processes were stopped" if code > 0 else "; the others were stopped"
+    return f"training process of rank {rank} {how}{others}"
+
+
+def write_result(result: dict[str, Any]) -> None:
+    """Rank 0, after publishing: tells the agent the run finished (see the module's docstring)."""
+    path = os.environ.get(RESULT_ENV)
+    if path:
+        Path(path).write_text(json.dumps(result))
