@@ -70,6 +70,11 @@ bench-gpu:
 bench-serve: $(VENV)/.bench-installed
 	$(PY) benchmarks/serve_throughput.py $(BENCH_ARGS)
 
+# 2 training processes x 1 thread against 1 process x 2 threads (torchrun, DDP over gloo): the collectives' cost
+.PHONY: bench-scale
+bench-scale: $(VENV)/.bench-installed
+	$(PY) benchmarks/scale.py $(BENCH_ARGS)
+
 # needs a Docker daemon and the CPU image (`llmbox build --cpu`, or the Docker tests' build)
 bench-container: $(VENV)/.bench-installed
 	$(PY) benchmarks/container_overhead.py $(BENCH_ARGS)

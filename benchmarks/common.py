@@ -9,6 +9,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -166,6 +167,32 @@ def publish_table(name: str, body: str) -> None:
     replace_between_markers(README, name, body)
     if f"<!-- {name}:start -->" in PROJECT_README.read_text():
         replace_between_markers(PROJECT_README, name, body)
+
+
+def alternating(
+    names: Sequence[str], repeats: int, run: Callable[[str], dict[str, Any]], shown: str
+) -> list[dict[str, Any]]:
+    """Each setup once per repeat, in reverse order every other repeat, so a drifting machine hits all alike.
+    `shown`: the result field printed after each run."""
+    runs = []
+    for repeat in range(repeats):
+        for name in names if repeat % 2 == 0 else names[::-1]:
+            runs.append(run(name) | {"repeat": repeat})
+            print(f"  {name} #{repeat}: {runs[-1][shown]}", flush=True)
+    return runs
+
+
+def report_header() -> dict[str, Any]:
+    """What every result file starts with: when, on which machine, with which packages."""
+    return {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine_info(), "versions": versions()}
+
+
+def save_report(report: dict[str, Any], output: Path, table: str, name: str, readme: bool = True) -> None:
+    """The results as JSON, their table on the terminal and, unless told not to, between `name`'s README markers."""
+    write_json(output, report)
+    print(table)
+    if readme:
+        publish_table(name, table)
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:

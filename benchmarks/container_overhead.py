@@ -25,13 +25,12 @@ from typing import Any
 from common import (
     REPO,
     RESULTS,
-    machine_info,
+    alternating,
     markdown_table,
-    publish_table,
+    report_header,
     run_child,
+    save_report,
     smollm2_dir,
-    versions,
-    write_json,
 )
 
 RUNTIMES = ("local", "docker")
@@ -109,26 +108,15 @@ def main() -> None:
         models = home / "models" / "smollm2"
         shutil.copytree(smollm2_dir(), models / "model")
         bare = bare_container_start(args.image, 3)
-        runs = []
-        for repeat in range(args.repeats):
-            order = RUNTIMES if repeat % 2 == 0 else RUNTIMES[::-1]
-            for runtime in order:
-                runs.append(train_once(runtime, home, work, args) | {"repeat": repeat})
-                print(f"  {runtime} #{repeat}: {runs[-1]['wall_s']:.1f} s", flush=True)
-    report = {
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "machine": machine_info(),
-        "versions": versions(),
+        runs = alternating(RUNTIMES, args.repeats, lambda runtime: train_once(runtime, home, work, args), "wall_s")
+    report = report_header() | {
         "image": args.image,
         "steps": args.steps,
         "repeats": args.repeats,
         "runs": runs,
         "summary": summary(runs, bare),
     }
-    write_json(args.output, report)
-    print(readme_table(report))
-    if not args.no_readme:
-        publish_table("container-results", readme_table(report))
+    save_report(report, args.output, readme_table(report), "container-results", readme=not args.no_readme)
 
 
 if __name__ == "__main__":

@@ -180,6 +180,16 @@ def test_serve_in_the_container_answers_the_openai_client_with_the_adapter(
     assert left.stdout.strip() == ""
 
 
+def test_train_in_the_container_with_two_processes(
+    cpu_image: str, tmp_path: Path, installed_tiny: dict[str, str]
+) -> None:
+    proc = run_llmbox("train", "tiny", "--runtime", "docker", "--data", str(tmp_path / "data"), "--max-steps", "2",
+                      "--nproc-per-node", "2", "--no-tensorboard", "--skip-test", env=installed_tiny)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    info = json.loads((tmp_path / "home" / "models" / "tiny" / "lora" / "adapter_info.json").read_text())
+    assert (info["plan"]["strategy"], info["plan"]["world_size"], info["steps"]) == ("ddp", 2, 2)
+
+
 def containers(prefix: str) -> list[str]:
     """The containers, running or not, whose names start with `prefix`."""
     listed = subprocess.run(["docker", "ps", "-a", "--filter", f"name=^{prefix}", "--format", "{{.Names}}"],

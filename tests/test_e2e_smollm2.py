@@ -24,8 +24,14 @@ def greedy_answers(model: Any, tokenizer: Any, questions: list[str]) -> list[str
     return [tokenizer.decode(row[batch["input_ids"].shape[1] :], skip_special_tokens=True).strip() for row in out]
 
 
+# two processes share each step's 2 micro-batches of 2: the same 4 examples per step as one process
+BATCHES = {1: ["--batch-size", "4", "--gradient-accumulation-steps", "1"],
+           2: ["--batch-size", "2", "--gradient-accumulation-steps", "2", "--nproc-per-node", "2"]}  # fmt: skip
+
+
 @pytest.mark.slow
-def test_circular_training_teaches_smollm2_new_facts(smollm2_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("processes", [1, 2], ids=["1-process", "2-processes"])
+def test_circular_training_teaches_smollm2_new_facts(smollm2_dir: Path, tmp_path: Path, processes: int) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -40,11 +46,11 @@ def test_circular_training_teaches_smollm2_new_facts(smollm2_dir: Path, tmp_path
 
     out = tmp_path / "run"
     proc = run_llmbox("train", str(smollm2_dir), "--runtime", "local", "--data", str(data), "--output", str(out),
-                      "--circular", "--learning-rate", "3e-3", "--batch-size", "4",
-                      "--gradient-accumulation-steps", "1",
+                      "--circular", "--learning-rate", "3e-3", *BATCHES[processes],
                       "--max-circular-epochs", "40", "--no-tensorboard", "--skip-test")  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "stopped: perfect loss" in proc.stdout, proc.stdout
+    assert json.loads((out / "lora" / "adapter_info.json").read_text())["plan"]["world_size"] == processes
 
     tuned = PeftModel.from_pretrained(base, out / "lora")  # plain peft: the adapter is standard
     after = greedy_answers(tuned, tokenizer, questions)

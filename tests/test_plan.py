@@ -802,3 +802,21 @@ def test_planner_does_not_import_torch() -> None:
     code = "import llmbox.plan, llmbox.facts, sys; assert 'torch' not in sys.modules, 'torch imported'"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+# --- distribution ------------------------------------------------------------------------------------------
+
+
+def test_one_process_unless_asked() -> None:
+    single = make_plan()
+    assert (single.strategy, single.world_size) == ("single", 1)
+
+
+@pytest.mark.parametrize("gpus", [(H100,), ()], ids=["gpu", "cpu"])
+def test_several_processes_replicate_a_model_that_fits_with_ddp(gpus: tuple[GpuFacts, ...]) -> None:
+    host = HostFacts(cpu_memory_bytes=64 * GiB)
+    spread = make_plan(gpus=gpus, host=host, nproc_per_node=4)
+    assert (spread.strategy, spread.world_size) == ("ddp", 4)
+    assert "DDP over 4" in spread.reasons["strategy"] and "every 4th forward pass" in spread.reasons["strategy"]
+    # the global batch is the planned one whatever the process count: N processes share it out
+    assert spread.effective_batch_size == make_plan(gpus=gpus, host=host).effective_batch_size

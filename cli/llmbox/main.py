@@ -65,10 +65,18 @@ def engine_options(func: Any) -> Any:
         click.option("--trust-remote-code", is_flag=True,
                      help="Run the model repository's own Python code (only if you trust it)."),
         click.option("--image", help="The engine image (default: llmbox/engine:cuda with GPUs, :cpu without)."),
-        click.option("--gpus", help="GPUs for the container: all (default when there are GPUs) or indices like 0,1."),
+        click.option("--gpus", help="GPUs to use: all (default when there are GPUs) or indices like 0,1; training runs "
+                     "one process per GPU (torchrun)."),
     ]):  # fmt: skip
         func = option(func)
     return func
+
+
+def checked_gpu_indices(gpus: str) -> str:
+    from llmbox.runtime.docker import gpu_args
+
+    gpu_args(gpus)  # the same check of the indices as for a container
+    return gpus
 
 
 def engine_image(image: str | None, gpus: str | None) -> tuple[str, str | None]:
@@ -105,6 +113,8 @@ def train(
     output = Path(values["output"]).expanduser().resolve() if values["output"] else home.root
     flags = ["--trust-remote-code"] if trust_remote_code else []
     if choose_runtime(runtime) == "local":
+        if gpus and gpus != "all":  # what `--gpus` gives a container, for a local run: those GPUs only
+            os.environ["CUDA_VISIBLE_DEVICES"] = checked_gpu_indices(gpus)
         argv = ["--model-path", str(home.weights), *flags, *to_argv(TRAIN_OPTIONS, values | {"output": str(output)})]
         sys.exit(run_engine("train", argv))
     from llmbox.runtime import docker

@@ -151,6 +151,7 @@ TRAIN_OPTIONS: tuple[Opt, ...] = (
         "the CPU has native bf16, else fp32.", type=click.Choice(PRECISIONS), default="auto"),
     Opt("--lora-r", "LoRA rank (default: by model size).", type=click.IntRange(min=1)),
     Opt("--lora-alpha", "LoRA alpha (default: 2 x rank).", type=click.IntRange(min=1)),
+    Opt("--lora-dropout", "LoRA dropout (default 0.05).", type=click.FloatRange(0, 1, max_open=True)),
     Opt("--max-seq-length", "Truncate examples to this many tokens (default: fit the data, within the model's limit).",
         type=click.IntRange(min=2)),
     Opt("--validation-split", "Fraction held out for validation (default 0.1; 0 in circular mode).",
@@ -159,7 +160,9 @@ TRAIN_OPTIONS: tuple[Opt, ...] = (
         type=click.IntRange(min=1)),
     Opt("--overfitting-threshold", "Relative train/validation gap that counts as overfitting (default: by task).",
         type=click.FloatRange(min=0, min_open=True)),
-    Opt("--resume", "Continue from checkpoints/last.", is_flag=True),
+    Opt("--nproc-per-node", "Training processes, one per GPU (default: every visible GPU, else 1); torchrun starts "
+        "them. On CPU, N > 1 runs N processes with gloo.", type=click.IntRange(min=1)),
+    Opt("--resume", "Continue from the newest whole checkpoint.", is_flag=True),
     Opt("--resume-from", "Continue from this checkpoint folder."),
     Opt("--output", "Where lora/, checkpoints/, logs/ and the plot go (default: the model's directory)."),
     Opt("--no-tensorboard", "Do not start a TensorBoard server (logs are still written).", is_flag=True),

@@ -45,6 +45,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, cast
 
+from llmbox.distribution import Strategy, distribution
 from llmbox.errors import UserError
 from llmbox.facts import DataFacts, GpuFacts, HostFacts, LinearShape, ModelFacts
 from llmbox_handlers import Handler, handler_by_name
@@ -134,6 +135,8 @@ class PlanFlags:
     validation_split: float | None = None
     seed: int | None = None
     precision: str | None = None
+    lora_dropout: float | None = None
+    nproc_per_node: int | None = None  # training processes on this machine (default: one)
 
 
 @dataclass(frozen=True)
@@ -195,6 +198,8 @@ class TrainingPlan:
     perplexity_limit: float | None
     seed: int
     memory: MemoryEstimate
+    strategy: Strategy = "single"
+    world_size: int = 1
     reasons: Mapping[str, str] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
 
@@ -404,10 +409,13 @@ def _check_flags(flags: PlanFlags) -> None:
         "--max-steps": flags.max_steps,
         "--patience": flags.patience,
         "--max-circular-epochs": flags.max_circular_epochs,
+        "--nproc-per-node": flags.nproc_per_node,
     }
     for flag, value in positive.items():
         if value is not None and value < 1:
             raise UserError(f"{flag} must be at least 1 (got {value})")
+    if flags.lora_dropout is not None and not 0 <= flags.lora_dropout < 1:
+        raise UserError(f"--lora-dropout must be in [0, 1) (got {flags.lora_dropout})")
     if flags.learning_rate is not None and not flags.learning_rate > 0:
         raise UserError(f"--learning-rate must be positive (got {flags.learning_rate})")
     if flags.overfitting_threshold is not None and not flags.overfitting_threshold > 0:
@@ -820,7 +828,10 @@ def plan(
     else:
         alpha = 2 * setup.rank
         notes.why("lora_alpha", "2 x rank: a scale of 2 is the usual LoRA default")
-    notes.why("lora_dropout", "light regularisation for small datasets")
+    if flags.lora_dropout is not None:
+        notes.why("lora_dropout", "--lora-dropout")
+    else:
+        notes.why("lora_dropout", "light regularisation for small datasets")
     if flags.optimizer:
         notes.why("optimizer", "--optimizer")
     elif setup.optimizer == "paged_adamw_8bit":
@@ -855,6 +866,8 @@ def plan(
     seed = flags.seed if flags.seed is not None else DEFAULT_SEED
     notes.why("seed", "--seed" if flags.seed is not None else "default")
     notes.why("save_total_limit", f"keep the {SAVE_TOTAL_LIMIT} latest numbered checkpoints")
+    spread = distribution(flags.nproc_per_node or 1, device.on_gpu)
+    notes.why("strategy", spread.why)
 
     activations = min(batch * seq, forward_tokens) * setup.act_per_token[checkpointing]
     logits = min(batch * seq, forward_tokens) * setup.logits_per_token
@@ -879,7 +892,7 @@ def plan(
         precision=precision,
         lora_r=setup.rank,
         lora_alpha=alpha,
-        lora_dropout=LORA_DROPOUT,
+        lora_dropout=flags.lora_dropout if flags.lora_dropout is not None else LORA_DROPOUT,
         target_modules=targets,
         max_seq_length=seq,
         batch_size=batch,
@@ -910,6 +923,8 @@ def plan(
         perplexity_limit=perplexity_limit,
         seed=seed,
         memory=memory,
+        strategy=spread.strategy,
+        world_size=spread.world_size,
         reasons=notes.reasons,
         warnings=tuple(notes.warnings),
     )

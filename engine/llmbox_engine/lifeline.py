@@ -41,3 +41,20 @@ def _watch(fd: int, grace_seconds: float) -> None:
     time.sleep(grace_seconds)
     print(f"still running {grace_seconds:.0f} s after llmbox ended: exiting now", file=sys.stderr, flush=True)
     os._exit(ORPHAN_EXIT_CODE)
+
+
+def die_with_parent(poll_seconds: float = 0.5) -> None:
+    """Stop as on SIGTERM, once, when the parent process ends, even by SIGKILL (a torchrun worker, its agent).
+
+    A watch on the parent's pid rather than Linux's parent-death signal, which fires again for every thread
+    of a multi-threaded parent (torchrun's agent is one) as the child is handed from thread to thread: the
+    second signal would abort the save the first one asked for.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_seconds)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()

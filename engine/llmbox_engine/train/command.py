@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmbox.errors import UserError
+from llmbox.options import TRAIN_OPTIONS, to_argv
 from llmbox.plan import PlanFlags
-from llmbox_engine import host_view
+from llmbox_engine import host_view, lifeline
 from llmbox_engine.train import tensorboard_server
 from llmbox_engine.train.host_memory import keep_freed_memory
+from llmbox_engine.train.launch import PEER_LOST_EXIT, launch, under_torchrun, write_result
 from llmbox_engine.train.writer_lock import exclusive_writer
+
+if TYPE_CHECKING:  # the recipe imports torch and transformers: seconds that the lock check must not wait for
+    from llmbox_engine.train.recipe import TrainOptions
 
 PLAN_FLAG_NAMES = tuple(PlanFlags.__dataclass_fields__)
 
@@ -22,27 +31,72 @@ def plan_flags(values: dict[str, Any]) -> PlanFlags:
 def run_train(model_path: Path, trust_remote_code: bool, values: dict[str, Any]) -> None:
     # beside an installed model's weights folder, where `serve` looks for lora/ (or in a bare HF folder)
     output = Path(values["output"]) if values["output"] else host_view.model_directory(model_path)
+    values = values | {"output": str(output)}
     if values["tensorboard_only"] is not None:
         serve_tensorboard(output / "logs", values["tensorboard_only"])
         return
     if not (model_path / "config.json").is_file():
         raise UserError(f"{model_path}: not a model folder (no config.json)")
     if values["dry_run"]:
-        train(model_path, output, trust_remote_code, values)
+        from llmbox_engine.train.recipe import LoraRecipe
+
+        LoraRecipe(recipe_options(model_path, trust_remote_code, values | {"nproc_per_node": processes(values)})).run()
+        return
+    if under_torchrun():  # a worker: the agent that started it holds the lock and runs TensorBoard
+        lifeline.die_with_parent()
+        with peer_loss_reported():
+            train(recipe_options(model_path, trust_remote_code, values))
         return
     # one training per model directory: taken before anything slow, so a second run stops at once
     with exclusive_writer(output):
-        train(model_path, output, trust_remote_code, values)
+        values = values | {"nproc_per_node": processes(values)}
+        server = None
+        if not values["no_tensorboard"]:
+            server = tensorboard_server.start(output / "logs" / "training", values["tensorboard_port"])
+        try:
+            if values["nproc_per_node"] > 1:
+                flags = ["--trust-remote-code"] if trust_remote_code else []
+                worker = values | {"no_tensorboard": True}
+                launch(
+                    values["nproc_per_node"], ["--model-path", str(model_path), *flags, *to_argv(TRAIN_OPTIONS, worker)]
+                )
+            else:
+                train(recipe_options(model_path, trust_remote_code, values))
+        finally:
+            tensorboard_server.stop(server)
 
 
-def train(model_path: Path, output: Path, trust_remote_code: bool, values: dict[str, Any]) -> None:
+@contextlib.contextmanager
+def peer_loss_reported() -> Iterator[None]:
+    """A collective that fails because another process went away: one line, and the exit code that tells the
+    agent this process was not the cause (the agent's own error line names the rank that was)."""
+    try:
+        yield
+    except RuntimeError as exc:
+        text = str(exc)
+        if not any(word in text for word in ("gloo", "NCCL", "Connection reset", "Connection closed")):
+            raise
+        rank = os.environ.get("RANK", "?")
+        print(f"rank {rank}: stopped: another training process went away ({text.splitlines()[0][:160]})",
+              file=sys.stderr, flush=True)  # fmt: skip
+        sys.exit(PEER_LOST_EXIT)
+
+
+def processes(values: dict[str, Any]) -> int:
+    """--nproc-per-node, or one per visible GPU (one on CPU)."""
+    if values["nproc_per_node"]:
+        return int(values["nproc_per_node"])
     import torch
 
-    from llmbox_engine.train.recipe import LoraRecipe, TrainOptions
+    return max(1, torch.cuda.device_count())
 
-    options = TrainOptions(
+
+def recipe_options(model_path: Path, trust_remote_code: bool, values: dict[str, Any]) -> TrainOptions:
+    from llmbox_engine.train.recipe import TrainOptions
+
+    return TrainOptions(
         model_path=model_path,
-        output=output,
+        output=Path(values["output"]),
         data=values["data"],
         flags=plan_flags(values),
         dataset_format=values["dataset_format"],
@@ -57,19 +111,20 @@ def train(model_path: Path, output: Path, trust_remote_code: bool, values: dict[
         json=values["json"],
         trust_remote_code=trust_remote_code,
     )
-    if options.dry_run:
-        LoraRecipe(options).run()
-        return
+
+
+def train(options: TrainOptions) -> None:
+    """One process's training: the whole run, or one rank's part of it (rank 0 reports the result)."""
+    import torch
+
+    from llmbox_engine.train.recipe import LoraRecipe
+
     if not torch.cuda.is_available():
         # process-wide, so here in the training process's entry and not in the recipe (tests run it in-process)
         keep_freed_memory()
-    server = None
-    if options.tensorboard:
-        server = tensorboard_server.start(output / "logs" / "training", options.tensorboard_port)
-    try:
-        LoraRecipe(options).run()
-    finally:
-        tensorboard_server.stop(server)
+    result = LoraRecipe(options).run()
+    if result is not None and result.adapter is not None:
+        write_result({"stop_reason": result.stop_reason, "steps": result.steps, "adapter": str(result.adapter)})
 
 
 def serve_tensorboard(logdir: Path, port: int) -> None:

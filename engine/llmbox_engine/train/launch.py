@@ -12,6 +12,7 @@ makes torchrun stop the others, and the agent names the rank in one `error:` lin
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import tempfile
@@ -22,6 +23,7 @@ from llmbox.errors import UserError
 
 RESULT_ENV = "LLMBOX_RESULT_FILE"  # where rank 0 writes the result of a finished run
 SHUTDOWN_SECONDS = 300  # after a signal: time to finish the step and save before torchrun kills the workers
+PEER_LOST_EXIT = 75  # a worker's exit when another worker went away: a consequence, not the cause
 
 
 def under_torchrun() -> bool:
@@ -35,6 +37,11 @@ def launch(nproc_per_node: int, worker_argv: list[str]) -> dict[str, Any]:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
+    # the cores shared out (torchrun would set 1 and say so in a banner); the agent's own log stays quiet: the
+    # workers say what happens, a failure is told in one error line below
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc_per_node)))
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    logging.getLogger("torch.distributed.run").setLevel(logging.CRITICAL)
     with tempfile.TemporaryDirectory(prefix="llmbox-launch-") as scratch:
         result = Path(scratch) / "result.json"
         os.environ[RESULT_ENV] = str(result)
@@ -58,8 +65,15 @@ def launch(nproc_per_node: int, worker_argv: list[str]) -> dict[str, Any]:
 
 
 def failure_message(failures: dict[int, Any]) -> str:
-    """Which rank failed first and how; the others were stopped because of it."""
-    rank, failure = min(failures.items(), key=lambda item: (item[1].timestamp, item[0]))
+    """The rank that failed first and how. The others' ends are consequences: ending because a peer went
+    away (PEER_LOST_EXIT), or the SIGTERM torchrun sends the rest when one fails."""
+
+    def cause_first(item: tuple[int, Any]) -> tuple[bool, int, int]:
+        rank, failure = item
+        consequence = failure.exitcode in (PEER_LOST_EXIT, -signal.SIGTERM, -signal.SIGINT)
+        return consequence, failure.timestamp, rank
+
+    rank, failure = min(failures.items(), key=cause_first)
     code = failure.exitcode
     how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
     others = " (its error is above); the other processes were stopped" if code > 0 else "; the others were stopped"

@@ -115,3 +115,14 @@ def loss_sum(
         else:
             total = total + _chunk_loss(head, h, t, softcap)
     return total, count
+
+
+class LossModule(torch.nn.Module):
+    """`loss_sum` as a module's forward: what DDP wraps, so that its gradient hooks run on our loss path."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, torch.Tensor], checkpoint_chunks: bool = False) -> tuple[torch.Tensor, int]:
+        return loss_sum(self.model, batch, checkpoint_chunks=checkpoint_chunks)

@@ -41,7 +41,7 @@ from llmbox_engine import host_view
 from llmbox_engine.data.batching import split_to_budget, token_budget_batches
 from llmbox_engine.data.canonical import Example
 from llmbox_engine.data.ingest import IngestResult, load_examples
-from llmbox_engine.data.render import TokenizedExample, render_stats
+from llmbox_engine.data.render import IGNORE_INDEX, TokenizedExample, render_stats
 from llmbox_engine.data.split import split_examples
 from llmbox_engine.train import console as out
 from llmbox_engine.train.adaptive import AdaptiveState
@@ -51,7 +51,7 @@ from llmbox_engine.train.checkpointer import Checkpointer
 from llmbox_engine.train.distributed import DistributedContext
 from llmbox_engine.train.history_plot import plot_history
 from llmbox_engine.train.judge import Judge, Verdict
-from llmbox_engine.train.loss import loss_sum
+from llmbox_engine.train.loss import LossModule, loss_sum
 from llmbox_engine.train.model_setup import frozen_linears_to_bf16, load_base_model, require_bitsandbytes, wrap_lora
 from llmbox_engine.train.optimizers import make_optimizer
 from llmbox_engine.train.pipelines import Pipeline, pipeline_for
@@ -113,7 +113,8 @@ class LoraRecipe:
         self.options = options
         self.output = options.output
         self.dist = DistributedContext.from_environment()
-        self.stop = GracefulStop()
+        # every process gets the signal (torchrun passes it on); one of them says so
+        self.stop = GracefulStop() if self.dist.is_main else GracefulStop(announce=lambda _message: None)
 
     # ---- setup -------------------------------------------------------------------------------------------
 
@@ -195,7 +196,8 @@ class LoraRecipe:
 
     def _setup_model(self) -> None:
         p = self.plan
-        self.device = torch.device("cuda", p.gpu_index or 0) if p.device == "cuda" else torch.device("cpu")
+        gpu = self.dist.local_rank if self.dist.distributed else p.gpu_index or 0
+        self.device = torch.device("cuda", gpu) if p.device == "cuda" else torch.device("cpu")
         if p.device == "cpu":
             torch.manual_seed(p.seed)
         attention = self.pipeline.choose_attention(p.device)
@@ -223,6 +225,12 @@ class LoraRecipe:
             frozen_linears_to_bf16(self.model)
         if self.resume_state is not None:
             self._load_adapter(self.resume_state["folder"])
+        self.replicas: Any = None
+        if self.dist.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            devices = [self.device.index] if self.device.type == "cuda" else None
+            self.replicas = DistributedDataParallel(LossModule(self.model), device_ids=devices)
         trainable = sum(t.numel() for t in self.model.parameters() if t.requires_grad)
         self._say(f"model loaded: {attention} attention, {trainable:,} trainable LoRA parameters")
 
@@ -381,8 +389,13 @@ class LoraRecipe:
         p, prog = self.plan, self.progress
         lengths = self.train_lengths
         passes = [piece for ids in group for piece in split_to_budget(ids, lengths, p.max_forward_tokens, self.packed)]
-        batches = [self.pipeline.collate([self.train_set[i] for i in ids]) for ids in self.dist.share(passes)]
-        (targets,) = self.dist.sum([sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)])
+        mine = self.dist.share(passes)  # every process built the same passes: each takes its share
+        batches = [self.pipeline.collate([self.train_set[i] for i in ids]) for ids in mine]
+        # every process runs as many passes as the busiest (gradients are synchronised on the last), the
+        # others' extra ones without targets: no loss, no gradient
+        short = self.dist.max(len(mine)) - len(mine)
+        batches += [without_targets(self.pipeline.collate([self.train_set[i] for i in passes[0]]))] * short
+        (targets,) = self.dist.sum([sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)])
         lr = learning_rate_at(prog.step, p.learning_rate, prog.schedule_steps)
         lr *= prog.adaptive.lr_scale if prog.adaptive else 1.0
         for param_group in self.optimizer.param_groups:
@@ -411,13 +424,20 @@ class LoraRecipe:
         return contextlib.nullcontext()
 
     def _accumulate(self, batches: list[dict[str, torch.Tensor]], targets: int) -> float:
-        """Forward and backward over this process's passes; the summed loss (its gradients weigh 1/targets)."""
+        """Forward and backward over this process's passes; the summed loss. Each target token of the step,
+        on every process, weighs 1/targets (DDP averages over processes: the world size makes it a sum)."""
         total = 0.0
-        for batch in batches:
+        scale = self.dist.world_size / max(1, targets)
+        for k, batch in enumerate(batches):
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            with self._autocast():
-                summed, _ = loss_sum(self.model, batch, checkpoint_chunks=self.plan.gradient_checkpointing)
-            (summed / max(1, targets)).backward()
+            sync = self.replicas is None or k == len(batches) - 1
+            with contextlib.nullcontext() if sync else self.replicas.no_sync():
+                with self._autocast():
+                    if self.replicas is None:
+                        summed, _ = loss_sum(self.model, batch, checkpoint_chunks=self.plan.gradient_checkpointing)
+                    else:
+                        summed, _ = self.replicas(batch, self.plan.gradient_checkpointing)
+                (summed * scale).backward()
             total += float(summed.detach())
         return total
 
@@ -560,3 +580,8 @@ class LoraRecipe:
         if rows:
             out.console.print(out.samples_table(rows))
         return rows
+
+
+def without_targets(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same pass with nothing to learn: it runs forward and backward, and adds nothing."""
+    return batch | {"labels": torch.full_like(batch["labels"], IGNORE_INDEX)}
