@@ -54,24 +54,41 @@ def assert_same_run(a: Path, b: Path) -> None:
         torch.testing.assert_close(one[key], two[key], rtol=1e-4, atol=1e-5)  # summation order only
 
 
-def test_two_ddp_processes_make_the_same_updates_as_one(tiny_llama: Path, tmp_path: Path, data: Path) -> None:
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_processes_make_the_same_updates_as_one(
+    tiny_llama: Path, tmp_path: Path, data: Path, strategy: str
+) -> None:
     single = train_cli(tiny_llama, tmp_path / "one", data, "--max-steps", "4")
-    double = train_cli(tiny_llama, tmp_path / "two", data, "--max-steps", "4", "--nproc-per-node", "2")
-    assert "1 (single)" in single.stdout and "2 (ddp)" in double.stdout
+    double = train_cli(tiny_llama, tmp_path / "two", data, "--max-steps", "4", "--nproc-per-node", "2",
+                       "--strategy", strategy)  # fmt: skip
+    assert "1 (single)" in single.stdout and f"2 ({strategy})" in double.stdout
     assert_same_run(tmp_path / "one", tmp_path / "two")
     plan = adapter_info(tmp_path / "two")["plan"]
-    assert (plan["strategy"], plan["world_size"]) == ("ddp", 2)
+    assert (plan["strategy"], plan["world_size"]) == (strategy, 2)
     # one process prints: one plan, one status line per evaluation
     assert double.stdout.count("Training plan for") == 1 and double.stdout.count("eval   1 |") == 1
 
 
-def test_resume_after_a_two_process_run_continues_the_curve(tiny_llama: Path, tmp_path: Path, data: Path) -> None:
-    epochs = ["--epochs", "2", "--force-epochs", "--nproc-per-node", "2"]  # the schedule spans the epochs
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_resume_after_a_two_process_run_continues_the_curve(
+    tiny_llama: Path, tmp_path: Path, data: Path, strategy: str
+) -> None:
+    # the schedule spans the epochs, so a run stopped half-way and resumed follows the same curve
+    epochs = ["--epochs", "2", "--force-epochs", "--nproc-per-node", "2", "--strategy", strategy]
     train_cli(tiny_llama, tmp_path / "whole", data, *epochs)
     train_cli(tiny_llama, tmp_path / "parts", data, *epochs, "--max-steps", "3")  # stopped half-way
     resumed = train_cli(tiny_llama, tmp_path / "parts", data, *epochs, "--resume")
     assert "resuming from" in resumed.stdout
     assert_same_run(tmp_path / "whole", tmp_path / "parts")
+
+
+def test_a_sharded_checkpoint_is_not_resumed_as_replicas(tiny_llama: Path, tmp_path: Path, data: Path) -> None:
+    train_cli(tiny_llama, tmp_path / "out", data, "--max-steps", "1", "--nproc-per-node", "2", "--strategy", "fsdp2")
+    proc = run_llmbox("train", str(tiny_llama), "--runtime", "local", "--data", str(data), "--output",
+                      str(tmp_path / "out"), "--resume", "--no-tensorboard", "--skip-test")  # fmt: skip
+    assert proc.returncode == 2
+    assert "saved by a run with strategy fsdp2; this one plans single" in proc.stderr
+    assert "resume with the same --nproc-per-node as that run" in proc.stderr
 
 
 def test_sigint_to_llmbox_stops_every_rank_once_and_rank_0_saves(tiny_llama: Path, tmp_path: Path, data: Path) -> None:

@@ -820,3 +820,60 @@ def test_several_processes_replicate_a_model_that_fits_with_ddp(gpus: tuple[GpuF
     assert "DDP over 4" in spread.reasons["strategy"] and "every 4th forward pass" in spread.reasons["strategy"]
     # the global batch is the planned one whatever the process count: N processes share it out
     assert spread.effective_batch_size == make_plan(gpus=gpus, host=host).effective_batch_size
+
+
+def gpus_of(gib_each: int, count: int) -> tuple[GpuFacts, ...]:
+    return tuple(GpuFacts(i, f"{gib_each} GB GPU", gib_each * GiB, (gib_each - 1) * GiB, (9, 0)) for i in range(count))
+
+
+@pytest.mark.parametrize(
+    ("model", "gib_each", "count", "method", "expected"),
+    [
+        # 8B: 16-bit weights are 16 GB
+        (L8B, 24, 1, None, ("qlora", "single")),  # 16-bit + state do not fit 24 GB: 4-bit
+        (L8B, 24, 4, None, ("lora", "fsdp2")),  # four shards of 16-bit weights fit where one GPU needs 4-bit
+        (L8B, 24, 4, "qlora", ("qlora", "ddp")),  # asked for 4-bit: it fits one GPU, so replicas
+        (L8B, 80, 1, None, ("lora", "single")),
+        (L8B, 80, 8, None, ("lora", "ddp")),
+        (L8B, 141, 4, "qlora", ("qlora", "ddp")),
+        # 70B: 16-bit weights are 138 GB, 4-bit about 36 GB
+        (L70B, 80, 1, None, ("qlora", "single")),
+        (L70B, 80, 4, None, ("lora", "fsdp2")),  # 16-bit sharded four ways beats 4-bit on one
+        (L70B, 80, 8, "qlora", ("qlora", "fsdp2")),  # 4-bit + state for rank 256 exceed one 80 GB GPU
+        (L70B, 141, 1, None, ("qlora", "single")),
+        (L70B, 141, 8, None, ("lora", "fsdp2")),
+        (L70B, 141, 8, "qlora", ("qlora", "ddp")),  # 4-bit fits one 141 GB GPU whole
+        (L70B, 24, 4, None, ("qlora", "fsdp2")),  # only 4-bit shards fit 24 GB GPUs
+        (L70B, 24, 8, "qlora", ("qlora", "fsdp2")),
+    ],
+)
+def test_ddp_when_a_replica_fits_one_gpu_else_fsdp2(
+    model: ModelFacts, gib_each: int, count: int, method: str | None, expected: tuple[str, str]
+) -> None:
+    p = make_plan(model, gpus_of(gib_each, count), nproc_per_node=count, method=method)
+    assert (p.method, p.strategy) == expected, p.reasons["strategy"]
+    assert p.world_size == count and fits(p)  # the per-GPU estimate within one GPU's budget
+    if p.strategy == "fsdp2":
+        assert f"FSDP2 over {count} GPUs" in p.reasons["strategy"] and f"1/{count}" in p.reasons["strategy"]
+
+
+def test_70b_on_one_24gb_gpu_does_not_fit_even_in_4_bit() -> None:
+    with pytest.raises(UserError, match="does not fit"):
+        make_plan(L70B, gpus_of(24, 1))
+
+
+def test_fsdp2_shards_cost_less_per_gpu_as_gpus_are_added() -> None:
+    per_gpu = [make_plan(L70B, gpus_of(80, n), nproc_per_node=n, method="lora", batch_size=1,
+                         gradient_accumulation_steps=1).memory.total_bytes for n in (4, 8)]  # fmt: skip
+    assert per_gpu[1] < per_gpu[0]
+
+
+def test_cpu_processes_share_the_machines_memory() -> None:
+    host = HostFacts(cpu_memory_bytes=8 * GiB)
+    one, two = make_plan(SMOL, (), host=host), make_plan(SMOL, (), host=host, nproc_per_node=2)
+    assert two.memory.budget_bytes is not None and one.memory.budget_bytes is not None
+    assert two.memory.budget_bytes == one.memory.budget_bytes // 2
+    assert (two.strategy, two.world_size) == ("ddp", 2) and "shared by 2 processes" in two.reasons["method"]
+    # an 8B model in fp32 (30 GB) twice does not fit 64 GB; in two shards it does
+    sharded = make_plan(L8B, (), host=HostFacts(cpu_memory_bytes=64 * GiB), nproc_per_node=2)
+    assert (sharded.method, sharded.strategy) == ("lora", "fsdp2")

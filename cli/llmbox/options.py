@@ -162,6 +162,8 @@ TRAIN_OPTIONS: tuple[Opt, ...] = (
         type=click.FloatRange(min=0, min_open=True)),
     Opt("--nproc-per-node", "Training processes, one per GPU (default: every visible GPU, else 1); torchrun starts "
         "them. On CPU, N > 1 runs N processes with gloo.", type=click.IntRange(min=1)),
+    Opt("--strategy", "With several processes: ddp (a replica per device) or fsdp2 (shards); default: ddp when a "
+        "replica fits one device.", type=click.Choice(["ddp", "fsdp2"])),
     Opt("--resume", "Continue from the newest whole checkpoint.", is_flag=True),
     Opt("--resume-from", "Continue from this checkpoint folder."),
     Opt("--output", "Where lora/, checkpoints/, logs/ and the plot go (default: the model's directory)."),

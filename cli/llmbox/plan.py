@@ -42,10 +42,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, cast
 
-from llmbox.distribution import Strategy, distribution
+from llmbox import distribution
+from llmbox.distribution import Strategy
 from llmbox.errors import UserError
 from llmbox.facts import DataFacts, GpuFacts, HostFacts, LinearShape, ModelFacts
 from llmbox_handlers import Handler, handler_by_name
@@ -137,6 +138,7 @@ class PlanFlags:
     precision: str | None = None
     lora_dropout: float | None = None
     nproc_per_node: int | None = None  # training processes on this machine (default: one)
+    strategy: str | None = None  # ddp or fsdp2 with several processes (default: the planner's)
 
 
 @dataclass(frozen=True)
@@ -324,7 +326,8 @@ class _Setup:
     quant: Quant
     rank: int
     optimizer: str
-    fixed_bytes: int  # weights + LoRA state
+    strategy: Strategy
+    fixed_bytes: int  # weights + LoRA state (this process's share of them under FSDP2)
     weights_bytes: int
     lora_params: int
     lora_state_bytes: int
@@ -353,15 +356,22 @@ def _price(
     param_bytes: int,
     seq: int,
     eager_attention: bool,
+    strategy: Strategy = "single",
+    world_size: int = 1,
 ) -> _Setup:
     weights = weight_bytes(model, quant, param_bytes)
     n_lora = lora_param_count(model, targets, rank)
     state = lora_state_bytes(n_lora, optimizer)
+    fixed = weights + state
+    if strategy == "fsdp2":
+        whole = (model.embedding_params + model.head_params) * (param_bytes if quant == "none" else 2)
+        fixed = distribution.sharded_bytes(weights, whole, state, model.n_layers, world_size)
     return _Setup(
         quant=quant,
         rank=rank,
         optimizer=optimizer,
-        fixed_bytes=weights + state,
+        strategy=strategy,
+        fixed_bytes=fixed,
         weights_bytes=weights,
         lora_params=n_lora,
         lora_state_bytes=state,
@@ -414,6 +424,10 @@ def _check_flags(flags: PlanFlags) -> None:
     for flag, value in positive.items():
         if value is not None and value < 1:
             raise UserError(f"{flag} must be at least 1 (got {value})")
+    if flags.strategy is not None and flags.strategy not in distribution.STRATEGIES:
+        raise UserError(f"unknown strategy {flags.strategy!r} (choose from {', '.join(distribution.STRATEGIES)})")
+    if flags.strategy is not None and (flags.nproc_per_node or 1) == 1:
+        raise UserError(f"--strategy {flags.strategy} spreads training over processes: give --nproc-per-node 2 or more")
     if flags.lora_dropout is not None and not 0 <= flags.lora_dropout < 1:
         raise UserError(f"--lora-dropout must be in [0, 1) (got {flags.lora_dropout})")
     if flags.learning_rate is not None and not flags.learning_rate > 0:
@@ -597,8 +611,10 @@ def _fit_setup(
     precision: Precision,
     device: _Device,
     notes: _Notes,
+    world_size: int = 1,
 ) -> _Setup:
-    """The first load method and rank whose minimal training (batch 1) fits, else a UserError with numbers."""
+    """The first load method, rank and (with several processes) strategy whose minimal training (batch 1) fits,
+    else a UserError with numbers."""
     param_bytes = 4 if precision in ("fp32", "bf16-mixed") else 2
     can_checkpoint = handler.supports_gradient_checkpointing
     quants = _candidates(flags, device.on_gpu)
@@ -606,14 +622,15 @@ def _fit_setup(
     for try_rank in _ranks_to_try(rank, flags):
         for quant in quants:
             optimizer = flags.optimizer or _default_optimizer(quant, device.on_gpu)
-            setup = _price(
-                model, handler.target_modules, quant, try_rank, optimizer, param_bytes, seq,
-                not handler.supports_flash_attention,
-            )  # fmt: skip
-            smallest = setup
-            if device.budget is None or setup.need(seq, 1, can_checkpoint) <= device.budget:
-                _explain_method(setup, flags, model, rank, param_bytes, device, notes)
-                return setup
+            for strategy in distribution.strategies(world_size, flags.strategy):
+                setup = _price(
+                    model, handler.target_modules, quant, try_rank, optimizer, param_bytes, seq,
+                    not handler.supports_flash_attention, strategy, world_size,
+                )  # fmt: skip
+                smallest = setup
+                if device.budget is None or setup.need(seq, 1, can_checkpoint) <= device.budget:
+                    _explain_method(setup, flags, model, rank, param_bytes, device, notes)
+                    return setup
     assert smallest is not None and device.free is not None and device.budget is not None
     needed = smallest.need(seq, 1, can_checkpoint)
     extras = [_weights_label(smallest.quant, param_bytes), f"LoRA rank {smallest.rank}", "batch size 1"]
@@ -821,7 +838,12 @@ def plan(
     seq = _choose_seq_length(model, handler, data, flags, notes)
     validation_split, n_train, n_eval = _choose_validation(data, flags, notes)
 
-    setup = _fit_setup(model, handler, flags, rank, seq, precision, device, notes)
+    world_size = flags.nproc_per_node or 1
+    if not device.on_gpu and world_size > 1 and device.budget is not None:
+        # the processes share the machine's memory
+        device = replace(device, budget=device.budget // world_size,
+                                     where=f"{device.where} shared by {world_size} processes")  # fmt: skip
+    setup = _fit_setup(model, handler, flags, rank, seq, precision, device, notes, world_size)
     if flags.lora_alpha is not None:
         alpha = flags.lora_alpha
         notes.why("lora_alpha", "--lora-alpha")
@@ -866,8 +888,13 @@ def plan(
     seed = flags.seed if flags.seed is not None else DEFAULT_SEED
     notes.why("seed", "--seed" if flags.seed is not None else "default")
     notes.why("save_total_limit", f"keep the {SAVE_TOTAL_LIMIT} latest numbered checkpoints")
-    spread = distribution(flags.nproc_per_node or 1, device.on_gpu)
-    notes.why("strategy", spread.why)
+    param_bytes = 4 if precision in ("fp32", "bf16-mixed") else 2
+    weights_label = f"{_weights_label(setup.quant, param_bytes)} ({gib(setup.weights_bytes)})"
+    per_process = gib(setup.need(seq, 1, checkpointing))
+    asked = flags.strategy is not None
+    notes.why(
+        "strategy", distribution.why(setup.strategy, world_size, device.on_gpu, weights_label, per_process, asked)
+    )
 
     activations = min(batch * seq, forward_tokens) * setup.act_per_token[checkpointing]
     logits = min(batch * seq, forward_tokens) * setup.logits_per_token
@@ -923,8 +950,8 @@ def plan(
         perplexity_limit=perplexity_limit,
         seed=seed,
         memory=memory,
-        strategy=spread.strategy,
-        world_size=spread.world_size,
+        strategy=setup.strategy,
+        world_size=world_size,
         reasons=notes.reasons,
         warnings=tuple(notes.warnings),
     )

@@ -26,3 +26,15 @@ def test_ddp_over_every_gpu_matches_one_gpu(tmp_path: Path, tiny_llama: Path) ->
     plan = adapter_info(tmp_path / "all")["plan"]
     assert (plan["strategy"], plan["world_size"], plan["device"]) == ("ddp", gpus, "cuda")
     assert_same_run(tmp_path / "one", tmp_path / "all")
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_fsdp2_over_every_gpu_matches_one_gpu(tmp_path: Path, tiny_llama: Path, method: str) -> None:
+    """QLoRA included: the 4-bit storage is sharded as bf16/fp32 tensors (bnb_4bit_quant_storage), not uint8."""
+    data = write_json(tmp_path / "qa.json", qa_records(64))
+    flags = ["--max-steps", "4", "--method", method]
+    train_cli(tiny_llama, tmp_path / "one", data, *flags, "--nproc-per-node", "1")
+    train_cli(tiny_llama, tmp_path / "all", data, *flags, "--strategy", "fsdp2",
+              "--nproc-per-node", str(torch.cuda.device_count()))  # fmt: skip
+    assert adapter_info(tmp_path / "all")["plan"]["strategy"] == "fsdp2"
+    assert_same_run(tmp_path / "one", tmp_path / "all")

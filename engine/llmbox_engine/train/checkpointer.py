@@ -63,13 +63,23 @@ class Checkpointer:
         except (OSError, RuntimeError, EOFError) as exc:  # a checkpoint saved before manifests, damaged since
             raise UserError(f"{folder / TRAINING_STATE}: unreadable ({exc}); resume from an older checkpoint") from None
 
-    def save(self, model: Any, optimizer: Any, progress: Progress, plan: dict[str, Any], best: bool) -> Path:
-        """checkpoint-N (then pruned), copied to last/ and, for a new best, to best/."""
+    def save(
+        self,
+        model: Any,
+        optimizer_state: dict[str, Any],
+        progress: Progress,
+        plan: dict[str, Any],
+        best: bool,
+        weights: dict[str, Any] | None = None,
+    ) -> Path:
+        """checkpoint-N (then pruned), copied to last/ and, for a new best, to best/.
+
+        `weights`: the model's full state where the model itself holds only a shard (FSDP2)."""
         numbered = self.folder / f"checkpoint-{progress.step}"
         with self.writing(numbered.name):
             with staged_dir(numbered) as staging:
-                model.save_pretrained(str(staging), safe_serialization=True)
-                save_training_state(staging, progress, optimizer, plan)
+                model.save_pretrained(str(staging), safe_serialization=True, state_dict=weights)
+                save_training_state(staging, progress, optimizer_state, plan)
                 seal_checkpoint(staging, progress.step)
             copy_checkpoint(numbered, self.last)
             if best:

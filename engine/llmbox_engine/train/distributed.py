@@ -38,10 +38,12 @@ class DistributedContext:
         import torch
         import torch.distributed as dist
 
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)  # one GPU per process: "cuda" means this one from here on
         if not dist.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            dist.init_process_group(backend)
-        return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return cls(dist.get_rank(), dist.get_world_size(), local_rank)
 
     def sum(self, values: Sequence[float]) -> list[float]:
         """Element-wise sums over every process."""

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -37,11 +38,9 @@ def launch(nproc_per_node: int, worker_argv: list[str]) -> dict[str, Any]:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    # the cores shared out (torchrun would set 1 and say so in a banner); the agent's own log stays quiet: the
-    # workers say what happens, a failure is told in one error line below
+    # the cores shared out (torchrun would set 1 and say so in a banner)
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc_per_node)))
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
-    logging.getLogger("torch.distributed.run").setLevel(logging.CRITICAL)
+    quiet_agent()
     with tempfile.TemporaryDirectory(prefix="llmbox-launch-") as scratch:
         result = Path(scratch) / "result.json"
         os.environ[RESULT_ENV] = str(result)
@@ -62,6 +61,25 @@ def launch(nproc_per_node: int, worker_argv: list[str]) -> dict[str, Any]:
             raise UserError("the training processes ended without a result from rank 0")
         found: dict[str, Any] = json.loads(result.read_text())
         return found
+
+
+def quiet_agent() -> None:
+    """The agent's own log stays quiet: the workers say what happens, and a failure is one error line here.
+
+    torch's elastic loggers each set their own level when their module is imported, so each is turned down.
+    A race in torch's rendezvous keep-alive timer at exit ("cannot join current thread", raised in a
+    finalizer and only printed) is not shown either.
+    """
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        if name.startswith("torch.distributed") and isinstance(logger, logging.Logger):
+            logger.setLevel(logging.CRITICAL)
+    shown = sys.unraisablehook
+
+    def unraisable(report: Any) -> None:
+        if not (isinstance(report.exc_value, RuntimeError) and "cannot join current thread" in str(report.exc_value)):
+            shown(report)
+
+    sys.unraisablehook = unraisable
 
 
 def failure_message(failures: dict[int, Any]) -> str:

@@ -65,8 +65,10 @@ def load_base_model(
     device: str,
     trust_remote_code: bool = False,
     vision: bool = False,
+    sharded: bool = False,
 ) -> Any:
-    """The base model; `vision`: an image-text-to-text model (Gemma 3, LLaVA) with its vision tower."""
+    """The base model; `vision`: an image-text-to-text model (Gemma 3, LLaVA) with its vision tower;
+    `sharded`: to be split by FSDP2."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
@@ -82,6 +84,8 @@ def load_base_model(
                 bnb_4bit_quant_type="nf4",
                 bnb_4bit_use_double_quant=True,
                 bnb_4bit_compute_dtype=dtype,
+                # FSDP2 shards the packed 4-bit storage as tensors of this dtype; uint8 there trains to NaN
+                **({"bnb_4bit_quant_storage": dtype} if sharded else {}),
             )
         else:
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)

@@ -44,6 +44,7 @@ from llmbox_engine.data.ingest import IngestResult, load_examples
 from llmbox_engine.data.render import IGNORE_INDEX, TokenizedExample, render_stats
 from llmbox_engine.data.split import split_examples
 from llmbox_engine.train import console as out
+from llmbox_engine.train import sharding
 from llmbox_engine.train.adaptive import AdaptiveState
 from llmbox_engine.train.artifacts import checkpoint_step
 from llmbox_engine.train.autostop import Evaluation
@@ -210,6 +211,7 @@ class LoraRecipe:
             device=str(self.device),
             trust_remote_code=self.options.trust_remote_code,
             vision=self.pipeline.multimodal,
+            sharded=p.strategy == "fsdp2",
         )
         torch.manual_seed(p.seed)  # LoRA's A matrices: the same seed gives the same start
         self.model = wrap_lora(
@@ -225,8 +227,11 @@ class LoraRecipe:
             frozen_linears_to_bf16(self.model)
         if self.resume_state is not None:
             self._load_adapter(self.resume_state["folder"])
-        self.replicas: Any = None
-        if self.dist.distributed:
+        self.replicas: Any = None  # DDP: the replica whose backward averages the gradients
+        self.shards: Any = None  # FSDP2: the root unit, which sets when gradients are reduced
+        if self.plan.strategy == "fsdp2":
+            self.shards = sharding.shard(self.model, self.dist.world_size, self.device.type)
+        elif self.dist.distributed:
             from torch.nn.parallel import DistributedDataParallel
 
             devices = [self.device.index] if self.device.type == "cuda" else None
@@ -248,7 +253,17 @@ class LoraRecipe:
     def _setup_optimizer(self) -> None:
         params = [t for t in self.model.parameters() if t.requires_grad]
         self.optimizer = make_optimizer(self.plan.optimizer, params, self.plan.learning_rate)
-        if self.resume_state is not None:
+        if self.resume_state is None:
+            return
+        saved = self.resume_state["plan"].get("strategy", "single")
+        if (saved == "fsdp2") != (self.plan.strategy == "fsdp2"):
+            raise UserError(
+                f"{self.resume_state['folder']}: saved by a run with strategy {saved}; this one plans "
+                f"{self.plan.strategy}: resume with the same --nproc-per-node as that run"
+            )
+        if self.shards is not None:
+            sharding.load_optimizer_state(self.model, self.optimizer, self.resume_state["optimizer"])
+        else:
             self.optimizer.load_state_dict(self.resume_state["optimizer"])
 
     def _setup_progress(self) -> None:
@@ -402,7 +417,9 @@ class LoraRecipe:
             param_group["lr"] = lr
         started = time.monotonic()
         (total,) = self.dist.sum([self._accumulate(batches, int(targets))])
-        norm = torch.nn.utils.clip_grad_norm_([t for t in self.model.parameters() if t.requires_grad], 1.0)
+        norm = sharding.full_value(
+            torch.nn.utils.clip_grad_norm_([t for t in self.model.parameters() if t.requires_grad], 1.0)
+        )
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         real_tokens = sum(lengths[i] for ids in group for i in ids)
@@ -430,8 +447,10 @@ class LoraRecipe:
         scale = self.dist.world_size / max(1, targets)
         for k, batch in enumerate(batches):
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            sync = self.replicas is None or k == len(batches) - 1
-            with contextlib.nullcontext() if sync else self.replicas.no_sync():
+            sync = k == len(batches) - 1  # gradients are exchanged after the last pass alone
+            if self.shards is not None:
+                self.shards.set_requires_gradient_sync(sync)
+            with contextlib.nullcontext() if sync or self.replicas is None else self.replicas.no_sync():
                 with self._autocast():
                     if self.replicas is None:
                         summed, _ = loss_sum(self.model, batch, checkpoint_chunks=self.plan.gradient_checkpointing)
@@ -448,9 +467,12 @@ class LoraRecipe:
         """Mean loss per target token over `examples`, in eval mode (over every process's share)."""
         self.model.eval()
         total, count = 0.0, 0
-        batches = token_budget_batches([len(t) for t in examples], 4 * self.plan.max_seq_length, 16)
-        for ids in self.dist.share(batches):
-            batch = self.pipeline.collate([examples[i] for i in ids])
+        everyone = token_budget_batches([len(t) for t in examples], 4 * self.plan.max_seq_length, 16)
+        mine = [self.pipeline.collate([examples[i] for i in ids]) for ids in self.dist.share(everyone)]
+        # sharded weights are gathered by every process at once: as many passes on each
+        short = self.dist.max(len(mine)) - len(mine) if self.shards is not None else 0
+        mine += [without_targets(self.pipeline.collate([examples[i] for i in everyone[0]]))] * short
+        for batch in mine:
             with self._autocast():
                 summed, n = loss_sum(self.model, {k: v.to(self.device) for k, v in batch.items()})
             total, count = total + float(summed), count + n
@@ -510,19 +532,25 @@ class LoraRecipe:
     # ---- checkpoints and artifacts -----------------------------------------------------------------------
 
     def save_checkpoint(self, best: bool = False) -> Path | None:
-        """checkpoint-N (then pruned), copied to last/ and, for a new best, to best/: by the main process."""
+        """checkpoint-N (then pruned), copied to last/ and, for a new best, to best/: written by the main process
+        (with FSDP2, after every process has helped gather the full state)."""
+        weights = None
+        if self.shards is not None:
+            weights, optimizer_state = sharding.full_states(self.model, self.optimizer)
+        else:
+            optimizer_state = self.optimizer.state_dict()
         if not self.dist.is_main:
             return None
-        return self.checkpointer.save(self.model, self.optimizer, self.progress, self.plan.to_dict(), best)
+        return self.checkpointer.save(self.model, optimizer_state, self.progress, self.plan.to_dict(), best, weights)
 
     def finish(self, stop_reason: str) -> TrainResult:
         prog = self.progress
         prog.stop_reason = stop_reason
+        if self.dist.any(self.dist.is_main and not self.checkpointer.holds_step(prog.step)):
+            self.save_checkpoint()  # every process: a sharded state is gathered by all
         if not self.dist.is_main:
             self.dist.barrier()  # the main process publishes; the others wait, then leave together
             return TrainResult(None, stop_reason, prog.step, prog.best_val)
-        if not self.checkpointer.holds_step(prog.step):
-            self.save_checkpoint()
         self.writer.close()
         source = self.checkpointer.publish_source()
         info = adapter_info(
@@ -545,7 +573,9 @@ class LoraRecipe:
         self._say(
             f"checkpoints: {shown(self.checkpointer.folder)}   plot: {shown(self.output / 'training_history.png')}"
         )
-        if not self.options.skip_test:
+        if self.shards is not None and not self.options.skip_test:
+            self._say("sample answers: skipped (the model is sharded across processes); `llmbox serve` answers")
+        elif not self.options.skip_test:
             self.sample_answers(adapter)
         self.dist.barrier()
         return TrainResult(adapter, stop_reason, prog.step, prog.best_val)

@@ -45,10 +45,10 @@ class Progress:
         return cls(**data)
 
 
-def save_training_state(folder: Path, progress: Progress, optimizer: Any, plan: dict[str, Any]) -> None:
+def save_training_state(folder: Path, progress: Progress, optimizer_state: Any, plan: dict[str, Any]) -> None:
     state = {
         "progress": progress.to_dict(),
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer_state,
         "plan": plan,
         "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
     }
