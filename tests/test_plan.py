@@ -22,19 +22,12 @@ from llmbox.facts import (
     read_gpu_facts,
     read_host_facts,
 )
-from llmbox.plan import (
-    CPU_TOKENS_PER_PASS,
-    GiB,
-    PlanFlags,
-    TrainingPlan,
-    activation_bytes_per_token,
-    base_learning_rate,
-    lora_param_count,
-    lora_rank_for,
-    plan,
-    seq_bucket,
-    weight_bytes,
-)
+from llmbox.plan import PlanFlags, TrainingPlan, plan
+from llmbox.planning.batches import seq_bucket
+from llmbox.planning.fitting import lora_rank_for
+from llmbox.planning.memory import activation_bytes_per_token, lora_param_count, weight_bytes
+from llmbox.planning.schedule import base_learning_rate
+from llmbox.planning.terms import CPU_TOKENS_PER_PASS, GiB
 
 SMOLLM2_135M = {
     "model_type": "llama",

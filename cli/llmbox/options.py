@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import click
 import yaml
 
-from llmbox.plan import MODES, OPTIMIZERS, PRECISIONS
+from llmbox.planning.terms import MODES, OPTIMIZERS, PRECISIONS
 
 F = TypeVar("F", bound=Callable[..., Any])
 

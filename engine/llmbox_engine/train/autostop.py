@@ -29,7 +29,8 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from llmbox.plan import TASK_THRESHOLDS, TrainingPlan
+from llmbox.plan import TrainingPlan
+from llmbox.planning.terms import TASK_THRESHOLDS
 
 TASKS = ("instruction", "text-generation")
 # Past this exp() overflows a float; perplexity is reported as inf instead.

@@ -9,7 +9,8 @@ from typing import Any
 from rich.table import Table
 
 from llmbox.console import make_console
-from llmbox.plan import TrainingPlan, gib
+from llmbox.plan import TrainingPlan
+from llmbox.planning.terms import gib
 
 console = make_console()
 

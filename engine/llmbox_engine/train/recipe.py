@@ -11,6 +11,10 @@
   the same step;
 - `finish`: publish the best adapter to `lora/` atomically, plot `training_history.png`, sample answers.
 
+One class runs one process's share of a run: alone, or as one of torchrun's workers (`launch.py`), where every
+process builds the same passes and takes its share, the model is a DDP replica or FSDP2 shards
+(`sharding.py`), and rank 0 alone prints and writes.
+
 The parts: `pipelines.py` (text) and `vision.py` (images): tokenizing, collating, sample answers;
 `judge.py`: auto-stop and adaptive mode; `checkpointer.py`: checkpoints, resume, publishing;
 `distributed.py`: which process this is, and the reductions (trivial for one process); `loss.py`;
