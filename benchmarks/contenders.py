@@ -108,11 +108,11 @@ def run_llmbox(
 ) -> Path:
     """LoraRecipe on `llmbox train`'s code path; only the periodic evaluation is off (nobody else has one)."""
     from llmbox.plan import PlanFlags
-    from llmbox_engine.train.host_memory import keep_freed_memory
+    from llmbox_engine.train import cpu_speed
     from llmbox_engine.train.recipe import LoraRecipe, TrainOptions
 
     if not on_gpu(spec):
-        keep_freed_memory()  # as `llmbox train` sets up its process on CPU (engine/.../train/command.py)
+        cpu_speed.prepare_process()  # as `llmbox train` sets up its process on CPU (engine/.../train/command.py)
 
     class TimedRecipe(LoraRecipe):
         def _optimizer_step(self, group: list[list[int]]) -> float:

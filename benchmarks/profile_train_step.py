@@ -47,10 +47,10 @@ def profile_llmbox(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     import torch
 
     from llmbox.plan import PlanFlags
-    from llmbox_engine.train.host_memory import keep_freed_memory
+    from llmbox_engine.train import cpu_speed
     from llmbox_engine.train.recipe import LoraRecipe, TrainOptions
 
-    keep_freed_memory()  # as `llmbox train` sets up its process on CPU
+    cpu_speed.prepare_process()  # as `llmbox train` sets up its process on CPU
 
     data = workdir / "train.json"
     write_json(data, chat_records(TOTAL_EXAMPLES, seed=SETTINGS["seed"])[: args.examples])

@@ -870,3 +870,10 @@ def test_cpu_processes_share_the_machines_memory() -> None:
     # an 8B model in fp32 (30 GB) twice does not fit 64 GB; in two shards it does
     sharded = make_plan(L8B, (), host=HostFacts(cpu_memory_bytes=64 * GiB), nproc_per_node=2)
     assert (sharded.method, sharded.strategy) == ("lora", "fsdp2")
+
+
+def test_shared_dropout_masks_are_a_cpu_measure_the_plan_names() -> None:
+    cpu = make_plan(SMOL, (), host=HostFacts(cpu_memory_bytes=16 * GiB))
+    assert cpu.shared_lora_dropout and "one dropout mask per layer input" in cpu.reasons["shared_lora_dropout"]
+    assert not make_plan(SMOL, (H100,)).shared_lora_dropout  # GPUs train with peft's own dropout
+    assert not make_plan(SMOL, (), host=HostFacts(cpu_memory_bytes=16 * GiB), lora_dropout=0.0).shared_lora_dropout

@@ -8,15 +8,17 @@ from typing import Any
 import torch
 
 from llmbox_engine.train.model_setup import wrap_lora
-from llmbox_engine.train.shared_dropout import SharedInputDropout
+from llmbox_engine.train.shared_dropout import SharedInputDropout, share_lora_dropout
 
 
 def lora_model(path: Path, dropout: float) -> Any:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(path))
-    return wrap_lora(model, r=4, alpha=8, dropout=dropout, target_modules=None, gradient_checkpointing=False,
-                     quantized=False)  # fmt: skip
+    model = wrap_lora(model, r=4, alpha=8, dropout=dropout, target_modules=None, gradient_checkpointing=False,
+                      quantized=False)  # fmt: skip
+    share_lora_dropout(model, dropout)  # as train/cpu_speed.py does when the plan says so
+    return model
 
 
 def lora_a_inputs(model: Any, ids: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -92,6 +92,8 @@ class TrainingPlan:
     seed: int
     memory: MemoryEstimate
     strategy: Strategy = "single"
+    # CPU: one LoRA dropout mask per layer input, shared by the projections reading it (train/cpu_speed.py)
+    shared_lora_dropout: bool = False
     world_size: int = 1
     reasons: Mapping[str, str] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
@@ -192,10 +194,15 @@ def plan(
     else:
         alpha = 2 * setup.rank
         notes.why("lora_alpha", "2 x rank: a scale of 2 is the usual LoRA default")
+    dropout = flags.lora_dropout if flags.lora_dropout is not None else LORA_DROPOUT
     if flags.lora_dropout is not None:
         notes.why("lora_dropout", "--lora-dropout")
     else:
         notes.why("lora_dropout", "light regularisation for small datasets")
+    shared_dropout = not device.on_gpu and dropout > 0
+    if shared_dropout:
+        notes.why("shared_lora_dropout", "CPU: one dropout mask per layer input, shared by the projections that read "
+                  "it (q/k/v, gate/up): each still drops at the planned rate, about 15% of a step saved")  # fmt: skip
     if flags.optimizer:
         notes.why("optimizer", "--optimizer")
     elif setup.optimizer == "paged_adamw_8bit":
@@ -261,7 +268,8 @@ def plan(
         precision=precision,
         lora_r=setup.rank,
         lora_alpha=alpha,
-        lora_dropout=flags.lora_dropout if flags.lora_dropout is not None else LORA_DROPOUT,
+        lora_dropout=dropout,
+        shared_lora_dropout=shared_dropout,
         target_modules=targets,
         max_seq_length=seq,
         batch_size=batch,

@@ -14,7 +14,6 @@ from llmbox.options import TRAIN_OPTIONS, to_argv
 from llmbox.plan import PlanFlags
 from llmbox_engine import host_view, lifeline
 from llmbox_engine.train import tensorboard_server
-from llmbox_engine.train.host_memory import keep_freed_memory
 from llmbox_engine.train.launch import PEER_LOST_EXIT, launch, under_torchrun, write_result
 from llmbox_engine.train.writer_lock import exclusive_writer
 
@@ -120,8 +119,9 @@ def train(options: TrainOptions) -> None:
     from llmbox_engine.train.recipe import LoraRecipe
 
     if not torch.cuda.is_available():
-        # process-wide, so here in the training process's entry and not in the recipe (tests run it in-process)
-        keep_freed_memory()
+        from llmbox_engine.train import cpu_speed
+
+        cpu_speed.prepare_process()  # process-wide: here, not in the recipe (tests run that in-process)
     result = LoraRecipe(options).run()
     if result is not None and result.adapter is not None:
         write_result({"stop_reason": result.stop_reason, "steps": result.steps, "adapter": str(result.adapter)})

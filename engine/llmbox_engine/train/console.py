@@ -34,7 +34,8 @@ def plan_table(plan: TrainingPlan, model_name: str) -> Table:
         ("method", plan.method + (" (4-bit)" if plan.load_in_4bit else " (8-bit)" if plan.load_in_8bit else ""),
          plan.reasons.get("method", "")),
         ("precision", plan.precision, plan.reasons.get("precision", "")),
-        ("LoRA", f"r={plan.lora_r} alpha={plan.lora_alpha} dropout={plan.lora_dropout}",
+        ("LoRA", f"r={plan.lora_r} alpha={plan.lora_alpha} dropout={plan.lora_dropout}"
+         + (" (one mask per layer input)" if plan.shared_lora_dropout else ""),
          plan.reasons.get("lora_r", "")),
         ("targets", ", ".join(plan.target_modules) if plan.target_modules else "all linear layers but the head",
          plan.reasons.get("target_modules", "")),
@@ -52,7 +53,7 @@ def plan_table(plan: TrainingPlan, model_name: str) -> Table:
          plan.reasons.get("validation_split", "")),
         ("evaluation", f"every {plan.eval_steps} steps", plan.reasons.get("eval_steps", "")),
         ("auto-stop", _auto_stop(plan), plan.reasons.get("auto_stop", "")),
-        ("memory", f"{gib(plan.memory.total_bytes)} estimated"
+        ("memory", f"{gib(plan.memory.total_bytes)} estimated" + (" per process" if plan.world_size > 1 else "")
          + (f" of {gib(plan.memory.budget_bytes)} budget" if plan.memory.budget_bytes else ""), ""),
     ]  # fmt: skip
     for row in rows:

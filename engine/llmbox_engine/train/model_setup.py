@@ -110,8 +110,6 @@ def wrap_lora(
 ) -> Any:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    from llmbox_engine.train.shared_dropout import share_lora_dropout
-
     if quantized:
         model = prepare_model_for_kbit_training(
             model,
@@ -133,9 +131,7 @@ def wrap_lora(
         task_type="CAUSAL_LM",
         bias="none",
     )
-    model = get_peft_model(model, config)
-    share_lora_dropout(model, dropout)
-    return model
+    return get_peft_model(model, config)
 
 
 def frozen_linears_to_bf16(model: Any) -> int:

@@ -48,7 +48,7 @@ from llmbox_engine.data.ingest import IngestResult, load_examples
 from llmbox_engine.data.render import IGNORE_INDEX, TokenizedExample, render_stats
 from llmbox_engine.data.split import split_examples
 from llmbox_engine.train import console as out
-from llmbox_engine.train import sharding
+from llmbox_engine.train import cpu_speed, sharding
 from llmbox_engine.train.adaptive import AdaptiveState
 from llmbox_engine.train.artifacts import checkpoint_step
 from llmbox_engine.train.autostop import Evaluation
@@ -57,7 +57,7 @@ from llmbox_engine.train.distributed import DistributedContext
 from llmbox_engine.train.history_plot import plot_history
 from llmbox_engine.train.judge import Judge, Verdict
 from llmbox_engine.train.loss import LossModule, loss_sum
-from llmbox_engine.train.model_setup import frozen_linears_to_bf16, load_base_model, require_bitsandbytes, wrap_lora
+from llmbox_engine.train.model_setup import load_base_model, require_bitsandbytes, wrap_lora
 from llmbox_engine.train.optimizers import make_optimizer
 from llmbox_engine.train.pipelines import Pipeline, pipeline_for
 from llmbox_engine.train.provenance import adapter_info
@@ -227,8 +227,7 @@ class LoraRecipe:
             gradient_checkpointing=p.gradient_checkpointing,
             quantized=p.load_in_4bit or p.load_in_8bit,
         )
-        if p.precision == "bf16-mixed":
-            frozen_linears_to_bf16(self.model)
+        cpu_speed.prepare_model(self.model, p)
         if self.resume_state is not None:
             self._load_adapter(self.resume_state["folder"])
         self.replicas: Any = None  # DDP: the replica whose backward averages the gradients
