@@ -327,3 +327,24 @@ def test_bf16_mixed_multiplies_in_bf16_over_fp32_weights_and_learns(tmp_path: Pa
     evaluations = json.loads((tmp_path / "checkpoints" / "last" / "trainer_state.json").read_text())["evaluations"]
     assert evaluations[-1]["train_loss"] < 0.7 * evaluations[0]["train_loss"]
     assert adapter_info(tmp_path)["plan"]["precision"] == "bf16-mixed"
+
+
+def test_out_of_memory_in_one_of_several_processes_stops_with_a_clear_error(
+    tmp_path: Path, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rank cannot retry alone (the others wait in collectives it would not match): it stops, naming itself."""
+    from llmbox.plan import PlanFlags
+    from llmbox_engine.train.distributed import DistributedContext
+    from llmbox_engine.train.recipe import LoraRecipe, TrainOptions
+
+    recipe = LoraRecipe(TrainOptions(tiny_llama, tmp_path, str(qa_file(tmp_path)), PlanFlags(max_steps=2),
+                                     tensorboard=False, skip_test=True))  # fmt: skip
+    recipe.setup()
+    recipe.dist = DistributedContext(rank=1, world_size=2)  # as torchrun's rank 1 sees itself
+
+    def out_of_memory(group: list[list[int]]) -> float:
+        raise torch.OutOfMemoryError("simulated")
+
+    monkeypatch.setattr(recipe, "_optimizer_step", out_of_memory)
+    with pytest.raises(UserError, match=r"rank 1: out of memory on CPU RAM .* --strategy fsdp2"):
+        recipe._step_with_retry([[0]])

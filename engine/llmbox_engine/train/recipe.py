@@ -387,6 +387,13 @@ class LoraRecipe:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         where = f"GPU {self.plan.gpu_name}" if self.plan.device == "cuda" else "CPU RAM"
+        if self.dist.distributed:
+            # the other processes wait in this step's collectives, which a retry here would not match: stop, and
+            # torchrun stops them (the agent's error line names this rank)
+            raise UserError(
+                f"rank {self.dist.rank}: out of memory on {where} in a pass of up to {self.plan.max_forward_tokens} "
+                "tokens: try --batch-size with a smaller value, --max-seq-length, --method qlora or --strategy fsdp2"
+            )
         tokens = self.plan.max_forward_tokens
         if tokens <= self.plan.max_seq_length:
             raise UserError(
