@@ -72,13 +72,6 @@ def engine_options(func: Any) -> Any:
     return func
 
 
-def checked_gpu_indices(gpus: str) -> str:
-    from llmbox.runtime.docker import gpu_args
-
-    gpu_args(gpus)  # the same check of the indices as for a container
-    return gpus
-
-
 def engine_image(image: str | None, gpus: str | None) -> tuple[str, str | None]:
     """The image to run and the GPUs to give it; the image is built on first use."""
     from llmbox.facts import read_gpu_facts
@@ -114,7 +107,10 @@ def train(
     flags = ["--trust-remote-code"] if trust_remote_code else []
     if choose_runtime(runtime) == "local":
         if gpus and gpus != "all":  # what `--gpus` gives a container, for a local run: those GPUs only
-            os.environ["CUDA_VISIBLE_DEVICES"] = checked_gpu_indices(gpus)
+            from llmbox.runtime.docker import gpu_args
+
+            gpu_args(gpus)  # the same check of the indices
+            os.environ["CUDA_VISIBLE_DEVICES"] = gpus
         argv = ["--model-path", str(home.weights), *flags, *to_argv(TRAIN_OPTIONS, values | {"output": str(output)})]
         sys.exit(run_engine("train", argv))
     from llmbox.runtime import docker

@@ -75,14 +75,14 @@ def model_fingerprint(model_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def seal_checkpoint(folder: Path, step: int) -> None:
-    """Write the manifest, last: each file's size and hash, and the step the checkpoint holds."""
+def seal_checkpoint(folder: Path) -> None:
+    """Write the manifest, last: each file's size and hash."""
     files = {
         path.name: {"bytes": path.stat().st_size, "blake2b": file_digest(path)}
         for path in sorted(folder.iterdir())
         if path.is_file() and path.name != MANIFEST
     }
-    write_json(folder / MANIFEST, {"step": step, "files": files})
+    write_json(folder / MANIFEST, {"files": files})
 
 
 def checkpoint_problem(folder: Path) -> str | None:

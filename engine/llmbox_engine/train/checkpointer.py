@@ -80,7 +80,7 @@ class Checkpointer:
             with staged_dir(numbered) as staging:
                 model.save_pretrained(str(staging), safe_serialization=True, state_dict=weights)
                 save_training_state(staging, progress, optimizer_state, plan)
-                seal_checkpoint(staging, progress.step)
+                seal_checkpoint(staging)
             copy_checkpoint(numbered, self.last)
             if best:
                 copy_checkpoint(numbered, self.folder / "best")

@@ -32,8 +32,8 @@ def under_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def launch(nproc_per_node: int, worker_argv: list[str]) -> dict[str, Any]:
-    """Run `python -m llmbox_engine train WORKER_ARGV` in `nproc_per_node` processes; rank 0's result."""
+def launch(nproc_per_node: int, worker_argv: list[str]) -> None:
+    """Run `python -m llmbox_engine train WORKER_ARGV` in `nproc_per_node` processes, until rank 0 has published."""
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -59,8 +59,6 @@ def launch(nproc_per_node: int, worker_argv: list[str]) -> dict[str, Any]:
             raise UserError(failure_message(exc.failures)) from None
         if not result.is_file():
             raise UserError("the training processes ended without a result from rank 0")
-        found: dict[str, Any] = json.loads(result.read_text())
-        return found
 
 
 def quiet_agent() -> None:

@@ -310,7 +310,9 @@ class LoraRecipe:
         if self.options.dry_run:
             return None
         with self.stop:  # a second Ctrl+C aborts the saving too: every artifact is staged, never half-written
-            return self.finish(self.train())
+            result = self.finish(self.train())
+        self.dist.close()  # every process has left finish() together
+        return result
 
     def epoch_batches(self, epoch: int, batch_size: int) -> list[list[int]]:
         """The micro-batches of one epoch: a pure function of (seed, epoch, batch size), so resume can rebuild it."""

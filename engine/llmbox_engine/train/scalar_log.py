@@ -55,5 +55,5 @@ class ScalarLog:
             self._give_up(exc)
 
     def _give_up(self, exc: OSError) -> None:
-        self._warn(f"TensorBoard logs: {exc.strerror or exc}; logging stops, training goes on")
+        self._warn(f"warning: TensorBoard logs: {exc.strerror or exc}; logging stops, training goes on")
         self._writer = None
