@@ -35,8 +35,8 @@ test-fast: venv
 GPU_VENV ?= .venv-gpu
 test-gpu:
 	$(MAKE) venv VENV=$(GPU_VENV) TORCH_PIN=torch==2.13.0
-	$(GPU_VENV)/bin/pip install -q bitsandbytes
-	$(GPU_VENV)/bin/pytest -p no:cacheprovider --override-ini addopts=-ra tests/gpu tests/test_e2e_smollm2.py $(PYTEST_ARGS)
+	$(GPU_VENV)/bin/pytest -p no:cacheprovider --override-ini addopts=-ra tests/gpu tests/test_e2e_smollm2.py \
+		tests/test_quantized.py tests/test_e2e_quantized.py $(PYTEST_ARGS)
 
 demo: venv
 	bash examples/demo.sh
@@ -65,10 +65,16 @@ bench-gpu:
 	$(GPU_VENV)/bin/pip install -q -c tests/constraints.txt -e '.[engine,bench]'
 	$(GPU_VENV)/bin/python benchmarks/train_throughput.py --device cuda --train-examples 400 --heldout-examples 40 \
 		--repeats 3 $(BENCH_GPU_ARGS)
+	$(GPU_VENV)/bin/python benchmarks/memory.py --device cuda
 
 .PHONY: bench-serve bench-container
 bench-serve: $(VENV)/.bench-installed
 	$(PY) benchmarks/serve_throughput.py $(BENCH_ARGS)
+
+# the planner's memory estimate beside the measured peak for lora, qlora and 8-bit (and TRL's QLoRA beside ours)
+.PHONY: bench-memory
+bench-memory: $(VENV)/.bench-installed
+	$(PY) benchmarks/memory.py $(BENCH_ARGS)
 
 # 2 training processes x 1 thread against 1 process x 2 threads (torchrun, DDP over gloo): the collectives' cost
 .PHONY: bench-scale

@@ -40,6 +40,15 @@ CONTENDERS = {
 EXTRA_CONTENDERS = {
     "llmbox_micro4": "llmbox engine, micro-batches of 4 x 2 accumulation (8 per step)",
 }
+# The memory benchmark's set (memory.py): each method of the guide, and TRL with the same QLoRA settings.
+QUANTIZED_CONTENDERS = {
+    "llmbox_lora": "llmbox engine, --method lora",
+    "llmbox_qlora": "llmbox engine, --method qlora (4-bit NF4, double quantization)",
+    "llmbox_8bit": "llmbox engine, --use-8bit (8-bit weights)",
+    "llmbox_qlora_adamw8": "llmbox engine, --method qlora --optimizer adamw_bnb_8bit",
+    "trl_lora": "TRL SFTTrainer, defaults, LoRA on the full-precision base",
+    "trl_qlora": "TRL SFTTrainer, defaults, QLoRA: the same 4-bit NF4 base, prepare_model_for_kbit_training",
+}
 
 
 @dataclass
@@ -104,7 +113,13 @@ def attention_for(spec: dict[str, Any]) -> str:
 
 
 def run_llmbox(
-    spec: dict[str, Any], clock: StepClock, micro_batch: int | None = None, precision: str | None = None
+    spec: dict[str, Any],
+    clock: StepClock,
+    micro_batch: int | None = None,
+    precision: str | None = None,
+    method: str | None = None,
+    use_8bit: bool = False,
+    optimizer: str | None = None,
 ) -> Path:
     """LoraRecipe on `llmbox train`'s code path; only the periodic evaluation is off (nobody else has one)."""
     from llmbox.plan import PlanFlags
@@ -135,6 +150,9 @@ def run_llmbox(
         validation_split=0.0,
         seed=spec["seed"],
         precision=precision,
+        method=method,
+        use_8bit=use_8bit,
+        optimizer=optimizer,
     )
     output = Path(spec["output"])
     options = TrainOptions(
@@ -152,6 +170,7 @@ def run_llmbox(
         clock.start()
         reason = recipe.train()
         recipe.finish(reason)
+    clock.info["memory"] = read_json(output / "lora" / "adapter_info.json")["memory"]
     return output / "lora"
 
 
@@ -164,15 +183,28 @@ def tokenized_rows(spec: dict[str, Any], tokenizer: Any) -> list[tuple[list[int]
     return [(t.input_ids.tolist(), t.trainable.astype(int).tolist()) for t in tokenized]
 
 
-def load_lora_model(spec: dict[str, Any]) -> Any:
-    """The base (fp32 on CPU, bf16 on a GPU) and the LoRA wrapped the way llmbox wraps it (same seed, same A)."""
+def load_lora_model(spec: dict[str, Any], four_bit: bool = False) -> Any:
+    """The base (fp32 on CPU, bf16 on a GPU; `four_bit`: NF4 with double quantization, computing in that dtype,
+    the QLoRA recipe) and the LoRA wrapped the way llmbox wraps it (same seed, same A)."""
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     dtype = torch.bfloat16 if on_gpu(spec) else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=dtype, attn_implementation=attention_for(spec))
-    model.to("cuda" if on_gpu(spec) else "cpu")
+    device = "cuda" if on_gpu(spec) else "cpu"
+    extra: dict[str, Any] = {}
+    if four_bit:
+        extra["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+        )
+        extra["device_map"] = {"": device}
+    model = AutoModelForCausalLM.from_pretrained(
+        spec["model"], dtype=dtype, attn_implementation=attention_for(spec), **extra
+    )
+    if four_bit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    else:
+        model.to(device)
     model.config.use_cache = False
     torch.manual_seed(spec["seed"])
     config = LoraConfig(
@@ -198,11 +230,13 @@ class CountingCollator:
         return self.inner(features)
 
 
-def clock_callback(clock: StepClock, counter: CountingCollator) -> Any:
+def clock_callback(clock: StepClock, counter: CountingCollator, meter: Any = None) -> Any:
     from transformers import TrainerCallback
 
     class ClockCallback(TrainerCallback):  # type: ignore[misc]
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if meter is not None:
+                meter.training_starts()  # llmbox's own meter, started at the same point of the run
             clock.start()
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -229,20 +263,23 @@ def common_arguments(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def train_hf(trainer: Any, clock: StepClock, spec: dict[str, Any]) -> Path:
+def train_hf(trainer: Any, clock: StepClock, spec: dict[str, Any], meter: Any = None) -> Path:
     counter = CountingCollator(trainer.data_collator)
     trainer.data_collator = counter
-    trainer.add_callback(clock_callback(clock, counter))
+    trainer.add_callback(clock_callback(clock, counter, meter))
     trainer.train()
     adapter = Path(spec["output"]) / "adapter"
     trainer.model.save_pretrained(str(adapter))
     return adapter
 
 
-def run_trl(spec: dict[str, Any], clock: StepClock, padding_free: bool) -> Path:
+def run_trl(spec: dict[str, Any], clock: StepClock, padding_free: bool, four_bit: bool = False) -> Path:
+    import torch
     from datasets import Dataset
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
+
+    from llmbox_engine.train.memory_meter import MemoryMeter
 
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
     rows = tokenized_rows(spec, tokenizer)
@@ -250,8 +287,12 @@ def run_trl(spec: dict[str, Any], clock: StepClock, padding_free: bool) -> Path:
     extra: dict[str, Any] = {"padding_free": True, "max_length": None} if padding_free else {}
     # bf16=False: SFTConfig turns bf16 on by default, even on CPU; everything else stays TRL's default
     config = SFTConfig(**common_arguments(spec), **extra)
-    trainer = SFTTrainer(model=load_lora_model(spec), args=config, train_dataset=dataset, processing_class=tokenizer)
-    return train_hf(trainer, clock, spec)
+    meter = MemoryMeter(torch.device("cuda" if on_gpu(spec) else "cpu"))
+    model = load_lora_model(spec, four_bit)
+    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
+    adapter = train_hf(trainer, clock, spec, meter)
+    clock.info["memory"] = meter.read(estimate_bytes=0).to_dict()
+    return adapter
 
 
 def run_plain_trainer(spec: dict[str, Any], clock: StepClock, pad_to_max: bool) -> Path:
@@ -289,6 +330,20 @@ RUNNERS: dict[str, Callable[[dict[str, Any], StepClock], Path]] = {
     "trl_padding_free": lambda spec, clock: run_trl(spec, clock, padding_free=True),
     "hf_pad_to_max": lambda spec, clock: run_plain_trainer(spec, clock, pad_to_max=True),
     "hf_group_by_length": lambda spec, clock: run_plain_trainer(spec, clock, pad_to_max=False),
+    "llmbox_lora": lambda spec, clock: run_llmbox(
+        spec, clock, precision=None if on_gpu(spec) else "fp32", method="lora"
+    ),
+    "llmbox_qlora": lambda spec, clock: run_llmbox(
+        spec, clock, precision=None if on_gpu(spec) else "fp32", method="qlora"
+    ),
+    "llmbox_8bit": lambda spec, clock: run_llmbox(
+        spec, clock, precision=None if on_gpu(spec) else "fp32", use_8bit=True
+    ),
+    "llmbox_qlora_adamw8": lambda spec, clock: run_llmbox(
+        spec, clock, precision=None if on_gpu(spec) else "fp32", method="qlora", optimizer="adamw_bnb_8bit"
+    ),
+    "trl_lora": lambda spec, clock: run_trl(spec, clock, padding_free=False),
+    "trl_qlora": lambda spec, clock: run_trl(spec, clock, padding_free=False, four_bit=True),
 }
 
 

@@ -509,19 +509,33 @@ def test_on_a_gpu_a_pass_holds_what_fits() -> None:
 
 
 def test_cpu_with_too_little_memory_is_a_user_error() -> None:
-    with pytest.raises(UserError, match="GiB"):
-        make_plan(L8B, (), host=HostFacts(cpu_memory_bytes=16 * GiB))
+    with pytest.raises(UserError, match="weights and LoRA state alone need"):
+        make_plan(L8B, (), host=HostFacts(cpu_memory_bytes=4 * GiB))
     small = make_plan(SMOL, (), host=HostFacts(cpu_memory_bytes=64 * GiB))
     assert fits(small)
 
 
-def test_cpu_warns_about_bitsandbytes() -> None:
+def test_cpu_switches_to_qlora_when_fp32_weights_do_not_fit_memory() -> None:
+    """bitsandbytes runs on CPUs: the planner falls back to 4-bit there exactly as on a GPU, and says why."""
+    p = make_plan(L8B, (), host=HostFacts(cpu_memory_bytes=32 * GiB, cpu_bf16=False))
+    assert (p.method, p.load_in_4bit, p.precision) == ("qlora", True, "fp32")
+    assert "fp32 weights (29.9 GiB)" in p.reasons["method"] and "system memory" in p.reasons["method"]
+    assert any("switched to QLoRA" in w for w in p.warnings)
+    assert p.optimizer == "adamw_torch" and "host memory" in p.reasons["optimizer"]
+    assert fits(p)
+    roomy = make_plan(L8B, (), host=HostFacts(cpu_memory_bytes=256 * GiB, cpu_bf16=False))
+    assert roomy.method == "lora" and not roomy.load_in_4bit
+    with pytest.raises(UserError, match="try --method qlora"):
+        make_plan(L8B, (), host=HostFacts(cpu_memory_bytes=32 * GiB), method="lora")
+
+
+def test_quantized_methods_plan_on_cpu_without_warnings() -> None:
     for flags in ({"method": "qlora"}, {"use_8bit": True}, {"optimizer": "adamw_bnb_8bit"}):
         p = make_plan(SMOL, (), **flags)
-        assert any("bitsandbytes" in w for w in p.warnings), flags
-    assert make_plan(SMOL, (), method="qlora").load_in_4bit
-    assert make_plan(SMOL, (), method="qlora").optimizer == "adamw_torch"
-    assert not any("bitsandbytes" in w for w in make_plan(SMOL, (H100,), method="qlora").warnings)
+        assert not p.warnings, (flags, p.warnings)
+    assert make_plan(SMOL, (), use_8bit=True).load_in_8bit
+    paged = make_plan(SMOL, (), optimizer="paged_adamw_8bit")
+    assert paged.optimizer == "paged_adamw_8bit" and "unpaged" in paged.reasons["optimizer"]
 
 
 # --- learning rate and modes ---------------------------------------------------------------------------------
@@ -867,8 +881,8 @@ def test_cpu_processes_share_the_machines_memory() -> None:
     assert two.memory.budget_bytes is not None and one.memory.budget_bytes is not None
     assert two.memory.budget_bytes == one.memory.budget_bytes // 2
     assert (two.strategy, two.world_size) == ("ddp", 2) and "shared by 2 processes" in two.reasons["method"]
-    # an 8B model in fp32 (30 GB) twice does not fit 64 GB; in two shards it does
-    sharded = make_plan(L8B, (), host=HostFacts(cpu_memory_bytes=64 * GiB), nproc_per_node=2)
+    # an 8B model in fp32 (30 GB) twice, with its passes, does not fit 96 GB; in two shards it does
+    sharded = make_plan(L8B, (), host=HostFacts(cpu_memory_bytes=96 * GiB), nproc_per_node=2)
     assert (sharded.method, sharded.strategy) == ("lora", "fsdp2")
 
 
@@ -877,3 +891,13 @@ def test_shared_dropout_masks_are_a_cpu_measure_the_plan_names() -> None:
     assert cpu.shared_lora_dropout and "one dropout mask per layer input" in cpu.reasons["shared_lora_dropout"]
     assert not make_plan(SMOL, (H100,)).shared_lora_dropout  # GPUs train with peft's own dropout
     assert not make_plan(SMOL, (), host=HostFacts(cpu_memory_bytes=16 * GiB), lora_dropout=0.0).shared_lora_dropout
+
+
+def test_cpu_checkpointing_is_decided_by_one_pass_not_the_whole_micro_batch() -> None:
+    """On CPU a micro-batch runs as passes of at most CPU_TOKENS_PER_PASS tokens: only a pass must fit."""
+    roomy = make_plan(SMOL, (), host=HostFacts(cpu_memory_bytes=16 * GiB, cpu_bf16=False), use_8bit=True,
+                      batch_size=64)  # fmt: skip
+    assert not roomy.gradient_checkpointing and roomy.reasons["gradient_checkpointing"].startswith("activations fit")
+    tight = make_plan(SMOL, (), host=HostFacts(cpu_memory_bytes=3 * GiB, cpu_bf16=False), use_8bit=True)
+    assert tight.gradient_checkpointing and "a pass of" in tight.reasons["gradient_checkpointing"]
+    assert fits(tight)

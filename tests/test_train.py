@@ -12,7 +12,7 @@ from llmbox.errors import UserError
 from llmbox_engine.train.artifacts import numbered_checkpoints
 
 from conftest import EXAMPLES, run_llmbox, write_json
-from train_helpers import adapter_info, qa_file, qa_records, train
+from train_helpers import adapter_info, qa_file, qa_records, resume, train
 
 
 def test_a_run_leaves_every_artifact(tmp_path: Path, tiny_llama: Path) -> None:
@@ -150,21 +150,8 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path: Path, ti
     whole = train(tiny_llama, tmp_path / "whole", data, **flags)
     part = train(tiny_llama, tmp_path / "parts", data, **flags, max_steps=4)
     assert part.steps == 4
-    from llmbox.plan import PlanFlags
-    from llmbox_engine.train.recipe import LoraRecipe, TrainOptions
-
-    resumed = LoraRecipe(
-        TrainOptions(
-            tiny_llama,
-            tmp_path / "parts",
-            str(data),
-            PlanFlags(**flags),
-            resume=True,
-            tensorboard=False,
-            skip_test=True,
-        )
-    ).run()
-    assert resumed is not None and resumed.steps == whole.steps
+    resumed = resume(tiny_llama, tmp_path / "parts", data, **flags)
+    assert resumed.steps == whole.steps
     a, b = adapter_info(tmp_path / "whole"), adapter_info(tmp_path / "parts")
     assert b["final_val_loss"] == pytest.approx(a["final_val_loss"], rel=1e-4)
     assert b["final_train_loss"] == pytest.approx(a["final_train_loss"], rel=1e-3)

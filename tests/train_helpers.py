@@ -42,6 +42,14 @@ def train(model: Path, output: Path, data: Path | str, skip_test: bool = True, *
     return result
 
 
+def resume(model: Path, output: Path, data: Path | str, **flags: Any) -> TrainResult:
+    """`llmbox train --resume` in-process: the newest whole checkpoint in `output`, the same flags."""
+    options = TrainOptions(model, output, str(data), PlanFlags(**flags), resume=True, tensorboard=False, skip_test=True)
+    result = LoraRecipe(options).run()
+    assert result is not None
+    return result
+
+
 def adapter_info(output: Path) -> dict[str, Any]:
     return json.loads((output / "lora" / "adapter_info.json").read_text())  # type: ignore[no-any-return]
 

@@ -139,7 +139,7 @@ def train(
 
 
 @cli.command()
-@click.option("--cpu", is_flag=True, help="The CPU variant (no CUDA, no bitsandbytes): for machines without a GPU.")
+@click.option("--cpu", is_flag=True, help="The CPU variant (no CUDA; bitsandbytes on CPU): for machines without a GPU.")
 @click.option("--base-image", help="Build on this image instead of the default CUDA (or Debian, with --cpu) base.")
 @click.option("--tag", help="Image tag (default: llmbox/engine:cuda, or llmbox/engine:cpu with --cpu).")
 def build(cpu: bool, base_image: str | None, tag: str | None) -> None:

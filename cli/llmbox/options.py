@@ -188,6 +188,9 @@ SERVE_OPTIONS: tuple[Opt, ...] = (
     Opt("--max-batch-size", "Sequences generated together in one batch.", type=click.IntRange(min=1), default=16),
     Opt("--dtype", "Weight precision: auto is bfloat16 (float16 without bf16) on a GPU, float32 on CPU.",
         type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto"),
+    Opt("--base-weights", "How the base is held: auto = as the adapter was trained (4-bit for a QLoRA adapter, "
+        "8-bit after --use-8bit, else full precision); full, 4bit or 8bit to choose (bitsandbytes: less memory, "
+        "slower on CPU).", type=click.Choice(["auto", "full", "4bit", "8bit"]), default="auto"),
     Opt("--threads", "CPU threads per operation (default: PyTorch's, one per core); 1 suits tiny models and busy "
         "machines.", type=click.IntRange(min=1)),
     Opt("--image-dir", "Vision models: chat requests may name image files (a path or file:// URL) inside this "

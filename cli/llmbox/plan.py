@@ -24,7 +24,6 @@ from llmbox.planning.memory import (
     MemoryEstimate,
 )
 from llmbox.planning.terms import (
-    BNB_OPTIMIZERS,
     CIRCULAR_BATCH_GROWTH,
     DEFAULT_SEED,
     LORA_DROPOUT,
@@ -166,15 +165,6 @@ def plan(
     notes.why("mode", "--mode" if flags.mode else "default")
 
     device = fitting.device(gpus, host, notes)
-    if not device.on_gpu:
-        for asked, what in (
-            (flags.method == "qlora", "4-bit loading"),
-            (flags.use_8bit, "8-bit loading"),
-            (flags.optimizer in BNB_OPTIMIZERS, f"the {flags.optimizer} optimizer"),
-        ):
-            if asked:
-                notes.warn(f"{what} on CPU needs a bitsandbytes build with CPU support (the engine checks)")
-
     precision = fitting.precision(device.gpu, handler, host, flags.precision, notes)
     targets = handler.target_modules
     notes.why("target_modules", f"the {handler.name} handler" if targets else "every linear layer but the output head")
@@ -203,15 +193,19 @@ def plan(
     if shared_dropout:
         notes.why("shared_lora_dropout", "CPU: one dropout mask per layer input, shared by the projections that read "
                   "it (q/k/v, gate/up): each still drops at the planned rate, about 15% of a step saved")  # fmt: skip
-    if flags.optimizer:
+    if flags.optimizer == "paged_adamw_8bit" and not device.on_gpu:
+        notes.why("optimizer", "--optimizer: bitsandbytes pages to host memory from a GPU only; here it runs unpaged")
+    elif flags.optimizer:
         notes.why("optimizer", "--optimizer")
     elif setup.optimizer == "paged_adamw_8bit":
         notes.why("optimizer", "paged 8-bit AdamW: the QLoRA recipe")
+    elif setup.quant == "4bit":
+        notes.why("optimizer", "AdamW (torch): paged 8-bit AdamW pages to host memory, which a CPU run already uses")
     else:
         notes.why("optimizer", "AdamW (torch): the default")
 
     goal = batches.effective_batch_goal(flags, n_train)
-    checkpointing = batches.checkpointing(setup, handler, flags, seq, device.budget, notes)
+    checkpointing = batches.checkpointing(setup, handler, flags, seq, device, precision, notes)
     batch, accumulation, max_batch, forward_tokens = batches.batch(
         setup, flags, seq, device, precision, data.mean_tokens, checkpointing, goal, notes
     )

@@ -1,7 +1,10 @@
 import warnings
 
 from llmbox.entry import run_cli
+from llmbox_engine import quantized
 from llmbox_engine.cli import engine
+
+quantized.quiet_noise()  # before peft or transformers import bitsandbytes, which logs at import
 
 # transformers' per-file progress bars and deprecation chatter drown the training status lines
 warnings.filterwarnings("ignore", category=FutureWarning)

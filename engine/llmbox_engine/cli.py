@@ -113,6 +113,7 @@ def serve(model_path: Path, adapter_dir: Path | None, trust_remote_code: bool, *
             max_concurrency=values["max_concurrency"],
             max_batch_size=values["max_batch_size"],
             dtype=values["dtype"],
+            base_weights=values["base_weights"],
             threads=values["threads"],
             trust_remote_code=trust_remote_code,
             image_dir=Path(values["image_dir"]) if values["image_dir"] else None,

@@ -74,17 +74,31 @@ def effective_batch_goal(flags: PlanFlags, n_train: int) -> int:
     return min(DEFAULT_EFFECTIVE_BATCH, n_train)
 
 
-def checkpointing(setup: Setup, handler: Handler, flags: PlanFlags, seq: int, budget: int | None, notes: Notes) -> bool:
+def cpu_pass_tokens(seq: int, precision: Precision) -> int:
+    """The most tokens one forward/backward pass holds on CPU (a longer micro-batch runs as several passes)."""
+    return max(seq, CPU_TOKENS_PER_PASS.get(precision, CPU_TOKENS_PER_PASS["fp32"]))
+
+
+def checkpointing(
+    setup: Setup, handler: Handler, flags: PlanFlags, seq: int, device: Device, precision: Precision, notes: Notes
+) -> bool:
     wanted = flags.batch_size or 1
-    fits_plain = setup.max_batch(budget, seq, checkpointing=False)
+    if device.on_gpu:
+        fits_plain = setup.max_batch(device.budget, seq, checkpointing=False)
+        fits = fits_plain is None or fits_plain >= wanted
+        wanted_what = f"{wanted} sequence(s) of {seq} tokens"
+    else:  # passes, not micro-batches, hold activations on CPU
+        tokens = cpu_pass_tokens(seq, precision)
+        fits = device.budget is None or setup.need_tokens(tokens, checkpointing=False) <= device.budget
+        wanted_what = f"a pass of {tokens} tokens"
     if not handler.supports_gradient_checkpointing:
         checkpointing, why = False, f"the {handler.name} handler does not support it"
     elif setup.quant == "4bit":
         checkpointing, why = True, "always with QLoRA (activations dominate once weights are 4-bit)"
-    elif fits_plain is None or fits_plain >= wanted:
+    elif fits:
         checkpointing, why = False, "activations fit without recomputation"
     else:
-        checkpointing, why = True, f"activations for {wanted} sequence(s) of {seq} tokens do not fit otherwise"
+        checkpointing, why = True, f"activations for {wanted_what} do not fit otherwise"
     notes.why("gradient_checkpointing", why)
     return checkpointing
 

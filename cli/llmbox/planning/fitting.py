@@ -84,7 +84,8 @@ def cpu_precision(host: HostFacts | None, asked: str | None, notes: Notes) -> Pr
 
 
 def default_optimizer(quant: Quant, on_gpu: bool) -> str:
-    # paged 8-bit AdamW pages optimizer state out under memory spikes: the QLoRA recipe
+    # paged 8-bit AdamW pages optimizer state out to host memory under spikes: the QLoRA recipe on a GPU. A CPU
+    # has nothing to page to, and the LoRA state 8 bits would save is small beside the base weights.
     return "paged_adamw_8bit" if quant == "4bit" and on_gpu else "adamw_torch"
 
 
@@ -118,13 +119,14 @@ def device(gpus: Sequence[GpuFacts], host: HostFacts | None, notes: Notes) -> De
     return Device(None, free, int(free * GPU_MARGIN), f"system memory ({gib(free)} available)")
 
 
-def candidates(flags: PlanFlags, on_gpu: bool) -> list[Quant]:
-    """Ways to load the weights, in order of preference: 16-bit quality first, 4-bit when it must."""
+def candidates(flags: PlanFlags) -> list[Quant]:
+    """Ways to load the weights, in order of preference: full-precision quality first, 4-bit when it must (on a
+    GPU or a CPU alike: bitsandbytes runs on both)."""
     if flags.method == "qlora":
         return ["4bit"]
     if flags.use_8bit:
         return ["8bit"]
-    if flags.method == "lora" or not on_gpu:
+    if flags.method == "lora":
         return ["none"]
     return ["none", "4bit"]
 
@@ -160,7 +162,7 @@ def fit_setup(
     else a UserError with numbers."""
     param_bytes = 4 if precision in ("fp32", "bf16-mixed") else 2
     can_checkpoint = handler.supports_gradient_checkpointing
-    quants = candidates(flags, device.on_gpu)
+    quants = candidates(flags)
     smallest: Setup | None = None
     for try_rank in ranks_to_try(rank, flags):
         for quant in quants:
@@ -168,7 +170,7 @@ def fit_setup(
             for strategy in distribution.strategies(world_size, flags.strategy):
                 setup = price(
                     model, handler.target_modules, quant, try_rank, optimizer, param_bytes, seq,
-                    not handler.supports_flash_attention, strategy, world_size,
+                    not handler.supports_flash_attention, strategy, world_size, on_cpu=not device.on_gpu,
                 )  # fmt: skip
                 smallest = setup
                 if device.budget is None or setup.need(seq, 1, can_checkpoint) <= device.budget:
@@ -180,7 +182,7 @@ def fit_setup(
     extras.append(f"max_seq_length {seq}")
     if can_checkpoint:
         extras.append("gradient checkpointing")
-    if device.on_gpu and (flags.method == "lora" or flags.use_8bit):
+    if flags.method == "lora" or flags.use_8bit:
         hint = "; try --method qlora"
     elif smallest.fixed_bytes > device.budget:
         hint = f"; the weights and LoRA state alone need {gib(smallest.fixed_bytes)}: use a smaller model"
@@ -205,11 +207,9 @@ def explain_method(
     if setup.quant == "4bit" and flags.method == "qlora":
         notes.why("method", f"--method qlora: 4-bit NF4 weights ({weights})")
     elif setup.quant == "4bit":
-        sixteen = gib(model.n_params * param_bytes)
-        notes.why("method", f"16-bit weights ({sixteen}) plus training state do not fit {device.where}: QLoRA")
-        notes.warn(
-            f"switched to QLoRA (4-bit weights, {weights}): 16-bit weights ({sixteen}) do not fit {device.where}"
-        )
+        full = f"{weights_label('none', param_bytes)} ({gib(model.n_params * param_bytes)})"
+        notes.why("method", f"{full} plus training state do not fit {device.where}: QLoRA")
+        notes.warn(f"switched to QLoRA (4-bit weights, {weights}): {full} do not fit {device.where}")
     elif setup.quant == "8bit":
         notes.why("method", f"--use-8bit: LoRA on 8-bit weights ({weights})")
     elif flags.method == "lora":

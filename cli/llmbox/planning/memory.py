@@ -41,6 +41,8 @@ from llmbox.facts import LinearShape, ModelFacts
 from llmbox.planning import distribution
 from llmbox.planning.distribution import Strategy
 from llmbox.planning.terms import (
+    CPU_CHECKPOINTED_SHARE,
+    CPU_PASS_RESIDENT,
     LOGIT_BYTES_PER_VOCAB_ENTRY,
     NF4_BYTES_PER_PARAM,
     OPTIMIZER_STATE_BYTES,
@@ -66,7 +68,7 @@ def weight_bytes(model: ModelFacts, quant: Quant, param_bytes: int) -> int:
     """Bytes of the frozen base weights; quantization touches linear layers only."""
     if quant == "none":
         return model.n_params * param_bytes
-    unquantized = (model.embedding_params + model.head_params) * 2
+    unquantized = (model.embedding_params + model.head_params) * param_bytes  # loaded in the plan's dtype
     per_param = 1.0 if quant == "8bit" else NF4_BYTES_PER_PARAM
     return int(model.quantizable_params * per_param) + unquantized
 
@@ -135,6 +137,9 @@ class Setup:
     def need(self, seq: int, batch: int, checkpointing: bool) -> int:
         return self.fixed_bytes + batch * self.per_sequence(seq, checkpointing)
 
+    def need_tokens(self, tokens: int, checkpointing: bool) -> int:
+        return self.fixed_bytes + tokens * (self.act_per_token[checkpointing] + self.logits_per_token)
+
     def max_batch(self, budget: int | None, seq: int, checkpointing: bool) -> int | None:
         """Most sequences per micro-batch that fit; `None` when the budget is unknown."""
         if budget is None:
@@ -153,11 +158,22 @@ def price(
     eager_attention: bool,
     strategy: Strategy = "single",
     world_size: int = 1,
+    on_cpu: bool = False,
 ) -> Setup:
+    """`on_cpu`: price passes as resident memory (CPU_PASS_RESIDENT), the number a CPU run's limit applies to."""
     weights = weight_bytes(model, quant, param_bytes)
     n_lora = lora_param_count(model, targets, rank)
     state = lora_state_bytes(n_lora, optimizer)
     fixed = weights + state
+    act_per_token = {
+        ckpt: activation_bytes_per_token(model, targets, param_bytes, ckpt, seq, eager_attention)
+        for ckpt in (False, True)
+    }
+    logits = logits_bytes_per_token(model)
+    if on_cpu:
+        resident = CPU_PASS_RESIDENT[quant] * (act_per_token[False] + logits)
+        act_per_token = {False: int(resident), True: int(resident * CPU_CHECKPOINTED_SHARE)}
+        logits = 0  # inside the resident figure
     if strategy == "fsdp2":
         whole = (model.embedding_params + model.head_params) * (param_bytes if quant == "none" else 2)
         fixed = distribution.sharded_bytes(weights, whole, state, model.n_layers, world_size)
@@ -170,9 +186,6 @@ def price(
         weights_bytes=weights,
         lora_params=n_lora,
         lora_state_bytes=state,
-        act_per_token={
-            ckpt: activation_bytes_per_token(model, targets, param_bytes, ckpt, seq, eager_attention)
-            for ckpt in (False, True)
-        },
-        logits_per_token=logits_bytes_per_token(model),
+        act_per_token=act_per_token,
+        logits_per_token=logits,
     )

@@ -54,6 +54,17 @@ NF4_BYTES_PER_PARAM = 0.55
 LOGIT_BYTES_PER_VOCAB_ENTRY = 12
 
 
+# CPU resident memory of a forward/backward pass, per token, as a multiple of (activations without gradient
+# checkpointing + logits), by how the weights are held: glibc's malloc keeps the blocks a pass frees in its heap
+# (its mmap threshold rises to the largest block freed), so resident memory follows what a pass allocates rather
+# than what it keeps alive; quantized layers add their dequantized weights and 8-bit inputs. Measured with
+# benchmarks/memory.py on SmolLM2 in fp32 (passes of up to 1024 tokens): 1.55, 1.7, 1.95 x the model's numbers.
+CPU_PASS_RESIDENT: dict[str, float] = {"none": 1.55, "4bit": 1.7, "8bit": 1.95}
+# with gradient checkpointing a CPU pass keeps this share of the above (measured 0.64 for QLoRA): fewer live
+# tensors, but the heap still grows with the recomputed layers' blocks
+CPU_CHECKPOINTED_SHARE = 0.65
+
+
 LORA_DROPOUT = 0.05
 
 

@@ -164,7 +164,7 @@ def build_args(*, cpu: bool, base_image: str | None, version: str, context: Path
     if base_image:
         args["BASE_IMAGE"] = base_image
     if cpu:
-        args |= {"TORCH_INDEX": "https://download.pytorch.org/whl/cpu", "BITSANDBYTES": "", "CUDA_LABEL": "none"}
+        args |= {"TORCH_INDEX": "https://download.pytorch.org/whl/cpu", "CUDA_LABEL": "none"}
     else:
         args["CUDA_LABEL"] = "12.8"
     wheels = sorted((context / "images" / "wheels").glob("torch-*.whl"))

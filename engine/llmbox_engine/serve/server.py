@@ -20,7 +20,7 @@ from llmbox_engine.serve.adapters import AdapterError, AdapterFiles, AdapterWatc
 from llmbox_engine.serve.app import MAX_BODY_BYTES, create_app
 from llmbox_engine.serve.generation import AdapterMeta, GenerationWorker
 from llmbox_engine.serve.images import ImagePolicy
-from llmbox_engine.serve.loading import LoadedModel, load_model
+from llmbox_engine.serve.loading import LoadedModel, base_weights_for, load_model
 from llmbox_engine.serve.service import Service
 
 log = logging.getLogger("llmbox.serve")
@@ -38,6 +38,7 @@ class ServeConfig:
     max_concurrency: int = 64
     max_batch_size: int = 16
     dtype: str = "auto"
+    base_weights: str = "auto"  # auto, full, 4bit or 8bit (loading.base_weights_for)
     threads: int | None = None  # torch's intra-op threads; None: its default
     trust_remote_code: bool = False
     poll_interval: float = 1.0
@@ -106,10 +107,12 @@ class _Loader(threading.Thread):
             # process-wide: a split of small matrix products over cores that other work keeps busy costs more
             # in waiting for each other than it saves
             torch.set_num_threads(c.threads)
-        loaded = load_model(c.model_path, c.dtype, c.trust_remote_code)
+        weights, why = base_weights_for(c.base_weights, c.adapter_dir)
+        loaded = load_model(c.model_path, c.dtype, c.trust_remote_code, weights)
+        held = str(loaded.dtype).removeprefix("torch.") if weights == "full" else f"{weights} ({why})"
         say(
-            f"base model: {loaded.path} ({loaded.model_type}, {str(loaded.dtype).removeprefix('torch.')} on "
-            f"{loaded.device.type}, context {loaded.context_length} tokens)  model id: {self.service.base_id}"
+            f"base model: {loaded.path} ({loaded.model_type}, {held} on {loaded.device.type}, "
+            f"context {loaded.context_length} tokens)  model id: {self.service.base_id}"
         )
         worker = GenerationWorker(loaded, max_batch_size=c.max_batch_size, max_concurrency=c.max_concurrency)
         worker.on_adapter_loaded = partial(_reloaded, self.service)

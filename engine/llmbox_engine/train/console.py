@@ -11,6 +11,7 @@ from rich.table import Table
 from llmbox.console import make_console
 from llmbox.plan import TrainingPlan
 from llmbox.planning.terms import gib
+from llmbox_engine.train.memory_meter import MemoryUse
 
 console = make_console()
 
@@ -78,6 +79,19 @@ def print_plan(plan: TrainingPlan, model_name: str) -> None:
     console.print(plan_table(plan, model_name))
     for warning in plan.warnings:
         console.print(f"warning: {warning}", style="yellow")
+
+
+def memory_line(use: MemoryUse) -> str:
+    """The measured peak beside the plan's estimate, so a user sees how far to trust the plan's numbers."""
+    where = "allocated on the GPU" if use.device == "cuda" else "resident memory added by the model and training"
+    return (
+        f"memory: peak {_size(use.training_bytes)} {where} (plan estimated {_size(use.estimate_bytes)}; "
+        f"{use.training_bytes / max(1, use.estimate_bytes):.2f}x)"
+    )
+
+
+def _size(n_bytes: int) -> str:
+    return gib(n_bytes) if n_bytes >= 2**30 else f"{n_bytes / 2**20:.0f} MiB"
 
 
 def status_line(

@@ -19,7 +19,7 @@ from typing import Any
 
 from llmbox.plan import TrainingPlan
 from llmbox_engine.train import shared_dropout
-from llmbox_engine.train.host_memory import keep_freed_memory
+from llmbox_engine.train.host_memory import keep_freed_memory, release_freed_memory
 from llmbox_engine.train.model_setup import frozen_linears_to_bf16
 
 
@@ -34,3 +34,5 @@ def prepare_model(model: Any, plan: TrainingPlan) -> None:
         frozen_linears_to_bf16(model)
     if plan.shared_lora_dropout:
         shared_dropout.share_lora_dropout(model, plan.lora_dropout)
+    if plan.device == "cpu":
+        release_freed_memory()  # loading's copies (and the fp32 weights just cast) would stay resident

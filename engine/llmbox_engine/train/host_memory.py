@@ -30,3 +30,16 @@ def keep_freed_memory() -> bool:
     mallopt = process.mallopt
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, _NEVER_TRIM))
+
+
+def release_freed_memory() -> bool:
+    """Give the heap's free pages back to the system once, after loading: a quantized load reads each weight in
+    the checkpoint's precision before packing it, and under `keep_freed_memory` those pages would stay resident
+    for the whole run. False where there is no glibc."""
+    if not sys.platform.startswith("linux"):
+        return False
+    process = ctypes.CDLL(None)
+    if not hasattr(process, "malloc_trim"):
+        return False
+    process.malloc_trim(0)
+    return True

@@ -6,7 +6,7 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
-from llmbox.errors import UserError
+from llmbox_engine import quantized
 
 # the weights' dtype per plan precision; bf16-mixed keeps fp32 weights and multiplies in bf16 (autocast)
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "bf16-mixed": "float32"}
@@ -29,20 +29,6 @@ def takes_packed_rows(attention: str) -> bool:
     from llmbox_engine.train.packed_attention import PACKED_SDPA
 
     return attention in ("flash_attention_2", PACKED_SDPA)
-
-
-def require_bitsandbytes(what: str) -> None:
-    """bitsandbytes must import and see a GPU; a clear error otherwise, not a crash deep in the load."""
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise UserError(
-            f"{what} needs bitsandbytes, which is not installed: pip install bitsandbytes (the CUDA image has it)"
-        )
-    import torch
-
-    if not torch.cuda.is_available():
-        raise UserError(
-            f"{what} needs a CUDA GPU for bitsandbytes; none is visible here (use --method lora / adamw_torch)"
-        )
 
 
 def load_tokenizer(model_dir: Path, trust_remote_code: bool = False) -> Any:
@@ -75,25 +61,18 @@ def load_base_model(
     dtype = getattr(torch, TORCH_DTYPES[precision])
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attention, "trust_remote_code": trust_remote_code}
     if method == "qlora" or use_8bit:
-        require_bitsandbytes("QLoRA (4-bit)" if method == "qlora" else "--use-8bit")
-        from transformers import BitsAndBytesConfig
-
-        if method == "qlora":
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True,
-                bnb_4bit_quant_type="nf4",
-                bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=dtype,
-                # FSDP2 shards the packed 4-bit storage as tensors of this dtype; uint8 there trains to NaN
-                **({"bnb_4bit_quant_storage": dtype} if sharded else {}),
-            )
-        else:
-            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-        kwargs["device_map"] = {"": torch.cuda.current_device()}
+        quantized.require("QLoRA (4-bit weights)" if method == "qlora" else "--use-8bit", device)
+        compute = quantized.compute_dtype(precision)
+        # FSDP2 shards the packed 4-bit storage as tensors of this dtype; uint8 there trains to NaN
+        storage = compute if sharded and method == "qlora" else None
+        kwargs["quantization_config"] = quantized.config(4 if method == "qlora" else 8, compute, storage)
+        kwargs["device_map"] = {"": device}
     auto_class: Any = AutoModelForImageTextToText if vision else AutoModelForCausalLM
     model: Any = auto_class.from_pretrained(str(model_dir), **kwargs)
     if "quantization_config" not in kwargs:
         model.to(device)
+    else:
+        quantized.keep_one_weight_format(model)
     model.config.use_cache = False  # training: a KV cache is wasted memory, and it disables packed-sequence masks
     return model
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from llmbox_engine import quantized
+
 
 def make_optimizer(name: str, params: Sequence[Any], lr: float) -> Any:
     import torch
@@ -15,7 +17,7 @@ def make_optimizer(name: str, params: Sequence[Any], lr: float) -> Any:
         from transformers.optimization import Adafactor
 
         return Adafactor(params, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False)
-    import bitsandbytes as bnb
-
+    bnb = quantized.import_bitsandbytes()
+    # paged: state in CUDA unified memory, paged out under memory spikes; on a CPU it is plain memory
     cls = bnb.optim.PagedAdamW8bit if name == "paged_adamw_8bit" else bnb.optim.AdamW8bit
     return cls(params, lr=lr, weight_decay=0.0)

@@ -11,6 +11,7 @@ from llmbox import __version__
 from llmbox.plan import TrainingPlan
 from llmbox_engine.data.ingest import IngestResult
 from llmbox_engine.train.artifacts import checkpoint_step, model_fingerprint
+from llmbox_engine.train.memory_meter import MemoryUse
 from llmbox_engine.train.state import Progress
 
 
@@ -26,6 +27,7 @@ def adapter_info(
     progress: Progress,
     epochs: float,
     source: Path,
+    memory: MemoryUse | None = None,
 ) -> dict[str, Any]:
     content = hashlib.blake2b(digest_size=16)
     for example in ingest.examples:
@@ -61,4 +63,5 @@ def adapter_info(
         "stop_reason": progress.stop_reason,
         "train_seconds": round(progress.train_seconds, 2),
         "tokens_per_s": round(progress.tokens_seen / max(1e-9, progress.train_seconds), 1),
+        "memory": memory.to_dict() if memory is not None else None,
     }

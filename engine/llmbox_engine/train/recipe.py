@@ -41,7 +41,8 @@ from llmbox.errors import UserError
 from llmbox.facts import DataFacts, model_facts_from_config, read_gpu_facts, read_host_facts
 from llmbox.model_facts import max_positions, read_config
 from llmbox.plan import PlanFlags, TrainingPlan, plan
-from llmbox_engine import host_view
+from llmbox.planning.terms import BNB_OPTIMIZERS
+from llmbox_engine import host_view, quantized
 from llmbox_engine.data.batching import split_to_budget, token_budget_batches
 from llmbox_engine.data.canonical import Example
 from llmbox_engine.data.ingest import IngestResult, load_examples
@@ -57,7 +58,8 @@ from llmbox_engine.train.distributed import DistributedContext
 from llmbox_engine.train.history_plot import plot_history
 from llmbox_engine.train.judge import Judge, Verdict
 from llmbox_engine.train.loss import LossModule, loss_sum
-from llmbox_engine.train.model_setup import load_base_model, require_bitsandbytes, wrap_lora
+from llmbox_engine.train.memory_meter import MemoryMeter
+from llmbox_engine.train.model_setup import load_base_model, wrap_lora
 from llmbox_engine.train.optimizers import make_optimizer
 from llmbox_engine.train.pipelines import Pipeline, pipeline_for
 from llmbox_engine.train.provenance import adapter_info
@@ -185,8 +187,8 @@ class LoraRecipe:
                 out.print_plan(self.plan, o.model_name)
         if o.dry_run:
             return
-        if self.plan.optimizer in ("adamw_bnb_8bit", "paged_adamw_8bit"):
-            require_bitsandbytes(f"--optimizer {self.plan.optimizer}")
+        if self.plan.optimizer in BNB_OPTIMIZERS:
+            quantized.require(f"--optimizer {self.plan.optimizer}", self.plan.device)
         tokenized = self.pipeline.truncate(self.tokenized, self.plan.max_seq_length, self.ingest.examples)
         self.train_set, self.val_set = split_examples(tokenized, self.plan.n_val, self.plan.seed)
         _, held_out = split_examples(self.ingest.examples, self.plan.n_val, self.plan.seed)
@@ -206,6 +208,7 @@ class LoraRecipe:
         if p.device == "cpu":
             torch.manual_seed(p.seed)
         attention = self.pipeline.choose_attention(p.device)
+        self.meter = MemoryMeter(self.device)
         base = load_base_model(
             self.options.model_path,
             precision=p.precision,
@@ -332,6 +335,7 @@ class LoraRecipe:
 
     def train(self) -> str:
         """Optimizer steps until a stop; the reason it stopped."""
+        self.meter.training_starts()
         with out.StepBar(enabled=self.dist.is_main) as self.bar:
             self.bar.restart(self._eval_interval())
             return self._train_loop()
@@ -564,6 +568,7 @@ class LoraRecipe:
             self.dist.barrier()  # the main process publishes; the others wait, then leave together
             return TrainResult(None, stop_reason, prog.step, prog.best_val)
         self.writer.close()
+        memory = self.meter.read(self.plan.memory.total_bytes)
         source = self.checkpointer.publish_source()
         info = adapter_info(
             model_path=self.options.model_path,
@@ -576,11 +581,13 @@ class LoraRecipe:
             progress=prog,
             epochs=prog.epoch + prog.batch_in_epoch / max(1, len(self.epoch_batches(prog.epoch, prog.batch_size))),
             source=source,
+            memory=memory,
         )
         adapter = self.checkpointer.publish(source, info)
         self._plot()
         shown = host_view.host_path
         self._say(f"[bold]stopped:[/] {stop_reason}")
+        self._say(out.memory_line(memory))
         self._say(f"adapter: {shown(adapter)}  (from {source.name}, step {checkpoint_step(source)})")
         self._say(
             f"checkpoints: {shown(self.checkpointer.folder)}   plot: {shown(self.output / 'training_history.png')}"
