@@ -71,6 +71,11 @@ bench-gpu:
 bench-serve: $(VENV)/.bench-installed
 	$(PY) benchmarks/serve_throughput.py $(BENCH_ARGS)
 
+# time to learn a dozen facts: `llmbox train --circular` against a plain peft loop (whole commands, recall checked)
+.PHONY: bench-learn
+bench-learn: $(VENV)/.bench-installed
+	$(PY) benchmarks/learn.py $(BENCH_ARGS)
+
 # the planner's memory estimate beside the measured peak for lora, qlora and 8-bit (and TRL's QLoRA beside ours)
 .PHONY: bench-memory
 bench-memory: $(VENV)/.bench-installed

@@ -190,6 +190,19 @@ def test_train_in_the_container_with_two_processes(
     assert (info["plan"]["strategy"], info["plan"]["world_size"], info["steps"]) == ("ddp", 2, 2)
 
 
+def test_qlora_with_an_8bit_optimizer_trains_in_the_cpu_image(
+    cpu_image: str, tmp_path: Path, installed_tiny: dict[str, str]
+) -> None:
+    """The CPU image carries bitsandbytes with its CPU backend: the quantized paths run there as they do locally."""
+    proc = run_llmbox("train", "tiny", "--runtime", "docker", "--data", str(tmp_path / "data"), "--max-steps", "2",
+                      "--method", "qlora", "--optimizer", "adamw_bnb_8bit", "--no-tensorboard", "--skip-test",
+                      env=installed_tiny)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "kernels-community" not in proc.stdout + proc.stderr  # bitsandbytes' hub-kernel notice stays quiet
+    info = json.loads((tmp_path / "home" / "models" / "tiny" / "lora" / "adapter_info.json").read_text())
+    assert (info["plan"]["load_in_4bit"], info["plan"]["optimizer"], info["steps"]) == (True, "adamw_bnb_8bit", 2)
+
+
 def containers(prefix: str) -> list[str]:
     """The containers, running or not, whose names start with `prefix`."""
     listed = subprocess.run(["docker", "ps", "-a", "--filter", f"name=^{prefix}", "--format", "{{.Names}}"],

@@ -459,8 +459,10 @@ def test_effective_batch_is_about_16() -> None:
 def test_batch_flags_win() -> None:
     p = make_plan(batch_size=2, gradient_accumulation_steps=3)
     assert (p.batch_size, p.gradient_accumulation_steps, p.effective_batch_size) == (2, 3, 6)
+    # --batch-size alone is the examples per optimizer step, as per_device_train_batch_size is in TRL
     only_batch = make_plan(batch_size=4)
-    assert (only_batch.batch_size, only_batch.gradient_accumulation_steps) == (4, 4)
+    assert (only_batch.batch_size, only_batch.gradient_accumulation_steps) == (4, 1)
+    assert "examples per step" in only_batch.reasons["gradient_accumulation_steps"]
     only_accumulation = make_plan(gradient_accumulation_steps=8)
     assert (only_accumulation.batch_size, only_accumulation.gradient_accumulation_steps) == (2, 8)
 
@@ -603,6 +605,16 @@ def test_circular_mode() -> None:
     assert p.eval_steps == p.steps_per_epoch
     assert make_plan(data=small, circular=True, max_circular_epochs=20).epochs == 20
     assert make_plan(data=small).batch_growth == 1.0
+
+
+def test_circular_mode_memorises_with_small_growing_batches_and_a_higher_rate() -> None:
+    dozen = DataFacts(n_train=12, n_val=0, task="instruction", mean_tokens=70.0, p95_tokens=90, max_tokens=100)
+    p = make_plan(SMOL, (), data=dozen, circular=True)
+    assert (p.batch_size, p.gradient_accumulation_steps, p.max_batch_size) == (4, 1, 12)
+    assert p.learning_rate == pytest.approx(10 * make_plan(SMOL, (), data=dozen).learning_rate)
+    assert "circular" in p.reasons["learning_rate"] and "circular" in p.reasons["batch_size"]
+    asked = make_plan(SMOL, (), data=dozen, circular=True, batch_size=2, learning_rate=1e-4)
+    assert (asked.batch_size, asked.gradient_accumulation_steps, asked.learning_rate) == (2, 1, 1e-4)
 
 
 def test_force_epochs_turns_every_auto_stop_off() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -92,13 +93,28 @@ def test_non_stop_mode_runs_until_told_and_adaptive_mode_adapts(tmp_path: Path, 
     assert state["adaptive"]["lr_scale"] < 1.0
 
 
-def test_circular_mode_grows_the_batch_and_stops_at_perfect_loss(tmp_path: Path, tiny_llama: Path) -> None:
+def test_circular_mode_grows_the_batch_and_stops_at_perfect_loss(
+    tmp_path: Path, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from llmbox_engine.train.recipe import LoraRecipe
+
+    checks: list[int] = []
+    real = LoraRecipe.loss_on
+
+    def counted(self: LoraRecipe, examples: Any) -> float:
+        checks.append(len(examples))
+        return real(self, examples)
+
+    monkeypatch.setattr(LoraRecipe, "loss_on", counted)
     data = write_json(tmp_path / "two.json", qa_records(2))
     result = train(tiny_llama, tmp_path, data, circular=True, max_circular_epochs=200, learning_rate=1e-2, lora_r=16)
     assert result.stop_reason.startswith("perfect loss"), result.stop_reason
     info = adapter_info(tmp_path)
     assert info["plan"]["circular"] and info["plan"]["n_val"] == 0
     assert result.steps < 200
+    passes = len(json.loads((tmp_path / "checkpoints" / "last" / "trainer_state.json").read_text())["evaluations"])
+    # the perfect-loss check (a forward over the training set) ran, but only once passes came near the threshold
+    assert 0 < len(checks) < passes, (checks, passes)
 
 
 def test_circular_batch_grows_between_cycles(tmp_path: Path, tiny_llama: Path) -> None:
@@ -208,11 +224,29 @@ def test_config_file_sets_options_and_the_command_line_wins(tmp_path: Path, tiny
     assert proc.returncode != 0 and "unknown option 'no-such-option'" in proc.stderr
 
 
-def test_bitsandbytes_optimizer_without_bitsandbytes_is_a_clear_error(tmp_path: Path, tiny_llama: Path) -> None:
-    proc = run_llmbox("train", str(tiny_llama), "--data", str(qa_file(tmp_path)), "--optimizer", "adamw_bnb_8bit",
-                      "--runtime", "local", "--no-tensorboard")  # fmt: skip
+@pytest.mark.parametrize(("flag", "named"), [(("--optimizer", "adamw_bnb_8bit"), "--optimizer adamw_bnb_8bit"),
+                                             (("--method", "qlora"), "QLoRA (4-bit weights)")])  # fmt: skip
+def test_quantized_training_without_bitsandbytes_is_a_clear_error(
+    tmp_path: Path, tiny_llama: Path, flag: tuple[str, str], named: str
+) -> None:
+    hidden = tmp_path / "no-bitsandbytes"  # a sitecustomize that makes bitsandbytes look uninstalled
+    hidden.mkdir()
+    (hidden / "sitecustomize.py").write_text('import sys\nsys.modules["bitsandbytes"] = None\n')
+    proc = run_llmbox(
+        "train",
+        str(tiny_llama),
+        "--data",
+        str(qa_file(tmp_path)),
+        *flag,
+        "--runtime",
+        "local",
+        "--no-tensorboard",
+        "--output",
+        str(tmp_path / "run"),
+        env={"PYTHONPATH": str(hidden)},
+    )
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert "error: --optimizer adamw_bnb_8bit needs" in proc.stderr
+    assert f"error: {named} needs bitsandbytes, which is not installed here" in proc.stderr, proc.stderr
 
 
 def test_train_rejects_a_folder_that_is_not_a_model(tmp_path: Path) -> None:

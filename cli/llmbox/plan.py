@@ -239,8 +239,10 @@ def plan(
         "strategy", distribution.why(setup.strategy, world_size, device.on_gpu, weights_label, per_process, asked)
     )
 
-    activations = min(batch * seq, forward_tokens) * setup.act_per_token[checkpointing]
-    logits = min(batch * seq, forward_tokens) * setup.logits_per_token
+    # the largest pass the run will make: circular mode grows its micro-batch up to max_batch
+    pass_tokens = min((max_batch if flags.circular else batch) * seq, forward_tokens)
+    activations = pass_tokens * setup.act_per_token[checkpointing]
+    logits = pass_tokens * setup.logits_per_token
     memory = MemoryEstimate(
         free_bytes=device.free,
         budget_bytes=device.budget,

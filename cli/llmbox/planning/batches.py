@@ -8,6 +8,7 @@ from llmbox.facts import DataFacts, ModelFacts
 from llmbox.planning.fitting import Device
 from llmbox.planning.memory import Setup
 from llmbox.planning.terms import (
+    CIRCULAR_START_BATCH,
     CPU_TOKENS_PER_PASS,
     DEFAULT_EFFECTIVE_BATCH,
     Notes,
@@ -136,6 +137,9 @@ def batch(
         notes.why("batch_size", "--batch-size")
         if fits is not None and batch > fits:
             notes.warn(f"--batch-size {batch} is more than the {fits} sequence(s) estimated to fit: may run out")
+    elif flags.circular:
+        batch = max(1, min(CIRCULAR_START_BATCH, max_batch))
+        notes.why("batch_size", f"circular: start at {batch} example(s) per step, grow every pass ({limit_why})")
     else:
         per_step = math.ceil(goal / flags.gradient_accumulation_steps) if flags.gradient_accumulation_steps else goal
         batch = largest_power_of_two_at_most(min(max_batch, per_step))
@@ -143,6 +147,12 @@ def batch(
     if flags.gradient_accumulation_steps is not None:
         accumulation = flags.gradient_accumulation_steps
         notes.why("gradient_accumulation_steps", "--gradient-accumulation-steps")
+    elif flags.batch_size is not None or flags.circular:
+        # --batch-size alone is the examples per optimizer step, as per_device_train_batch_size is in
+        # transformers and TRL; circular mode grows its micro-batch instead of accumulating
+        accumulation = 1
+        why = "--batch-size is the examples per step" if flags.batch_size else "circular: the batch grows instead"
+        notes.why("gradient_accumulation_steps", why)
     else:
         accumulation = max(1, math.ceil(goal / batch))
         notes.why("gradient_accumulation_steps", f"reach an effective batch of ~{goal} examples")

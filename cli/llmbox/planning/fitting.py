@@ -170,7 +170,8 @@ def fit_setup(
             for strategy in distribution.strategies(world_size, flags.strategy):
                 setup = price(
                     model, handler.target_modules, quant, try_rank, optimizer, param_bytes, seq,
-                    not handler.supports_flash_attention, strategy, world_size, on_cpu=not device.on_gpu,
+                    not handler.supports_flash_attention, strategy, world_size,
+                    cpu_precision=None if device.on_gpu else precision,
                 )  # fmt: skip
                 smallest = setup
                 if device.budget is None or setup.need(seq, 1, can_checkpoint) <= device.budget:

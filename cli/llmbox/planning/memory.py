@@ -43,6 +43,7 @@ from llmbox.planning.distribution import Strategy
 from llmbox.planning.terms import (
     CPU_CHECKPOINTED_SHARE,
     CPU_PASS_RESIDENT,
+    CPU_PRECISION_SHARE,
     LOGIT_BYTES_PER_VOCAB_ENTRY,
     NF4_BYTES_PER_PARAM,
     OPTIMIZER_STATE_BYTES,
@@ -158,9 +159,10 @@ def price(
     eager_attention: bool,
     strategy: Strategy = "single",
     world_size: int = 1,
-    on_cpu: bool = False,
+    cpu_precision: str | None = None,
 ) -> Setup:
-    """`on_cpu`: price passes as resident memory (CPU_PASS_RESIDENT), the number a CPU run's limit applies to."""
+    """`cpu_precision`: training on CPU in this precision; passes are then priced as resident memory
+    (CPU_PASS_RESIDENT), the number a CPU run's limit applies to."""
     weights = weight_bytes(model, quant, param_bytes)
     n_lora = lora_param_count(model, targets, rank)
     state = lora_state_bytes(n_lora, optimizer)
@@ -170,8 +172,9 @@ def price(
         for ckpt in (False, True)
     }
     logits = logits_bytes_per_token(model)
-    if on_cpu:
-        resident = CPU_PASS_RESIDENT[quant] * (act_per_token[False] + logits)
+    if cpu_precision is not None:
+        share = CPU_PASS_RESIDENT[quant] * CPU_PRECISION_SHARE.get(cpu_precision, 1.0)
+        resident = share * (act_per_token[False] + logits)
         act_per_token = {False: int(resident), True: int(resident * CPU_CHECKPOINTED_SHARE)}
         logits = 0  # inside the resident figure
     if strategy == "fsdp2":

@@ -7,6 +7,7 @@ import math
 from llmbox.errors import UserError
 from llmbox.facts import DataFacts, ModelFacts
 from llmbox.planning.terms import (
+    CIRCULAR_LR_FACTOR,
     MAX_VALIDATION_EXAMPLES,
     MIN_EXAMPLES_FOR_SPLIT,
     MODE_RULES,
@@ -56,10 +57,12 @@ def learning_rate(model: ModelFacts, mode: str, flags: PlanFlags, notes: Notes) 
         return flags.learning_rate
     base = base_learning_rate(model.n_params)
     factor = MODE_RULES[mode][2]
-    notes.why(
-        "learning_rate",
-        f"{base:g} for a {billions(model.n_params)}-parameter model, x{factor:g} for {mode} mode",
-    )
+    why = f"{base:g} for a {billions(model.n_params)}-parameter model, x{factor:g} for {mode} mode"
+    if flags.circular:
+        # memorising a few examples takes few, large steps; the usual rate is tuned for generalising
+        factor *= CIRCULAR_LR_FACTOR
+        why += f", x{CIRCULAR_LR_FACTOR:g} for circular mode (memorising a small dataset)"
+    notes.why("learning_rate", why)
     return base * factor
 
 

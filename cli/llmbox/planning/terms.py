@@ -60,6 +60,9 @@ LOGIT_BYTES_PER_VOCAB_ENTRY = 12
 # than what it keeps alive; quantized layers add their dequantized weights and 8-bit inputs. Measured with
 # benchmarks/memory.py on SmolLM2 in fp32 (passes of up to 1024 tokens): 1.55, 1.7, 1.95 x the model's numbers.
 CPU_PASS_RESIDENT: dict[str, float] = {"none": 1.55, "4bit": 1.7, "8bit": 1.95}
+# bf16-mixed passes hold bf16 activations: this share of the fp32 figure (measured 0.57, 0.44 and 0.63 for
+# lora, qlora and 8-bit in passes of up to 2048 tokens)
+CPU_PRECISION_SHARE: dict[str, float] = {"fp32": 1.0, "bf16-mixed": 0.55}
 # with gradient checkpointing a CPU pass keeps this share of the above (measured 0.64 for QLoRA): fewer live
 # tensors, but the heap still grows with the recomputed layers' blocks
 CPU_CHECKPOINTED_SHARE = 0.65
@@ -85,6 +88,10 @@ MIN_EXAMPLES_FOR_SPLIT = 10
 
 
 CIRCULAR_BATCH_GROWTH = 2.0
+# circular mode memorises a small dataset: it starts at micro-batches of this many examples, no accumulation,
+# and a learning rate this many times the base (benchmarks/learn.py measured the time to a perfect loss)
+CIRCULAR_START_BATCH = 4
+CIRCULAR_LR_FACTOR = 10.0
 
 
 # (epochs, evaluations per epoch, learning-rate factor) per mode

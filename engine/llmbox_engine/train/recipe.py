@@ -71,6 +71,9 @@ from llmbox_handlers import Handler, match_handler
 
 # Without a validation set, a small training set is re-evaluated in eval mode (no dropout) instead.
 MAX_TRAIN_SET_EVAL = 512
+# circular mode checks for a perfect loss with a forward over the training set once a pass's own loss is below
+# this multiple of the threshold (dropout and mid-pass updates keep the running loss above the checked one)
+CIRCULAR_CHECK_BELOW = 10.0
 SAMPLE_ANSWERS = 3
 # Plan fields a resumed run takes from its checkpoint, so it continues the same run, not a new one.
 RESUMED_PLAN_FIELDS = (
@@ -501,6 +504,8 @@ class LoraRecipe:
         prog = self.progress
         if self.val_set:
             train_loss, val_loss = running_train_loss, self.loss_on(self.val_set)
+        elif self._far_from_perfect(running_train_loss):
+            train_loss, val_loss = running_train_loss, None  # the pass's own loss says enough: no second forward
         elif len(self.train_set) <= MAX_TRAIN_SET_EVAL:
             train_loss, val_loss = self.loss_on(self.train_set), None
         else:
@@ -514,6 +519,12 @@ class LoraRecipe:
         if verdict.adaptive_note:
             self._say(f"  adaptive: {verdict.adaptive_note}")
         return verdict.stop_reason
+
+    def _far_from_perfect(self, running_train_loss: float) -> bool:
+        """Circular mode: a pass whose own training loss is this far above the perfect-loss threshold cannot
+        have reached it, so the forward over the whole training set that would check it is skipped."""
+        perfect = self.plan.perfect_loss
+        return self.plan.circular and perfect is not None and running_train_loss > CIRCULAR_CHECK_BELOW * perfect
 
     def _log_evaluation(self, train_loss: float, val_loss: float | None, verdict: Verdict) -> None:
         prog = self.progress
