@@ -1,33 +1,43 @@
 """Time to learn a small dataset: `llmbox train --circular` (defaults) against a plain peft loop, `make bench-learn`.
 
-    python benchmarks/learn.py [--facts benchmarks/data/learn_facts.json] [--repeats 1]
+    python benchmarks/learn.py                       # the dozen facts of benchmarks/data/learn_facts.json
+    python benchmarks/learn.py --sizes 12,100,500    # also 100 and 500 generated facts (long: hours on 2 cores)
 
-A dozen invented facts SmolLM2-135M-Instruct cannot know (benchmarks/data/learn_facts.json, not the demo's set).
-Each contender is one whole command, timed from the outside (start-up, loading, training and saving included):
-the plain loop (plain_loop.py: LoRA r8 on every projection, batch 1, AdamW at 2e-4, 10 epochs) and
-`llmbox train MODEL --circular --runtime local` with nothing else chosen. Recall is checked afterwards, outside
-the clock, by plain transformers + peft: greedy answers, a fact counts when its whole reference sentence is in
-the answer. Writes results/learn.json and the README table; the ratio is plain-loop seconds / llmbox seconds.
+Facts SmolLM2-135M-Instruct cannot know: a dozen written ones (data/learn_facts.json, not the demo's set) and,
+for larger sizes, invented organisations from synthetic.invented_facts. Each contender is one whole command,
+timed from the outside (start-up, loading, training and saving included): `llmbox train MODEL --circular
+--runtime local` with nothing else chosen, and the plain loop (plain_loop.py: LoRA r8 on every projection, batch
+1, AdamW at 2e-4). For the dozen the plain loop runs its 10 epochs; for the larger sizes it saves an adapter
+after every epoch (up to --max-plain-epochs) and its time is that of the first epoch whose adapter recalls as
+many facts as llmbox's (the epochs are reported). Recall is checked afterwards, outside the clock, by plain
+transformers + peft: greedy answers, a fact counts when its whole reference sentence is in the answer. Writes
+results/learn.json and the README table; the ratio is plain-loop seconds / llmbox seconds.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from common import RESULTS, markdown_table, report_header, run_child, save_report, smollm2_dir
+from common import RESULTS, markdown_table, report_header, run_child, save_report, smollm2_dir, write_json
+from synthetic import invented_facts
 
 FACTS = Path(__file__).parent / "data" / "learn_facts.json"
+PLAIN_EPOCHS = 10  # the dozen: the loop as the issue describes it
+EPOCH_LINE = re.compile(r"^epoch (\d+): loss \S+ at ([\d.]+) s$", re.MULTILINE)
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--facts", type=Path, default=FACTS)
+    parser.add_argument("--facts", type=Path, default=FACTS, help="the dozen (size 12)")
+    parser.add_argument("--sizes", default="12", help="comma-separated fact counts; 12 is the --facts file")
+    parser.add_argument("--max-plain-epochs", type=int, default=20, help="the plain loop's limit above 12 facts")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--output", type=Path, default=None)
@@ -36,78 +46,133 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def recall(model: Path, adapter: Path, facts: list[dict[str, str]]) -> tuple[int, list[str]]:
+def recall(model: Path, adapter: Path, facts: list[dict[str, str]], batch: int = 16) -> tuple[int, list[str]]:
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer.padding_side = "left"
     tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32), adapter)
     tuned.eval()
-    answers = []
-    for fact in facts:
-        chat = [{"role": "user", "content": fact["question"]}]
-        encoded = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    answers: list[str] = []
+    for start in range(0, len(facts), batch):
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": f["question"]}],
+                                                 add_generation_prompt=True, tokenize=False)
+                   for f in facts[start : start + batch]]  # fmt: skip
+        encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         with torch.no_grad():
-            out = tuned.generate(**encoded, max_new_tokens=40, do_sample=False)
-        answers.append(tokenizer.decode(out[0, encoded["input_ids"].shape[1] :], skip_special_tokens=True).strip())
+            out = tuned.generate(**encoded, max_new_tokens=40, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        width = encoded["input_ids"].shape[1]
+        answers += [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
     right = sum(f["answer"] in a for f, a in zip(facts, answers, strict=True))
     return right, answers
 
 
-def run(name: str, args: list[str], folder: Path, adapter: Path, model: Path, facts: list[dict[str, str]]) -> dict:
+def timed(args: list[str], folder: Path) -> tuple[int, float, str]:
     folder.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     child = run_child(args, folder / "log.txt")
-    wall = time.perf_counter() - started
-    result: dict[str, Any] = {"contender": name, "returncode": child.returncode, "wall_s": round(wall, 1),
-                              "peak_rss_mb": round(child.peak_rss_mb), "command": args}  # fmt: skip
-    if child.returncode != 0:
-        result["error"] = (folder / "log.txt").read_text()[-2000:]
-        return result
+    return child.returncode, time.perf_counter() - started, (folder / "log.txt").read_text()
+
+
+def run_llmbox(model: Path, facts_file: Path, facts: list[dict[str, str]], folder: Path, extra: str) -> dict:
+    llmbox = str(Path(sys.executable).parent / "llmbox")  # a Python script: run_child runs it with this python
+    command = [llmbox, "train", str(model), "--runtime", "local", "--data", str(facts_file), "--output",
+               str(folder / "run"), "--circular", "--no-tensorboard", "--skip-test", *extra.split()]  # fmt: skip
+    code, wall, log = timed(command, folder)
+    result: dict[str, Any] = {"contender": "llmbox", "returncode": code, "wall_s": round(wall, 1)}
+    if code != 0:
+        return result | {"error": log[-2000:]}
+    adapter = folder / "run" / "lora"
     right, answers = recall(model, adapter, facts)
-    result |= {"recall": right, "of": len(facts), "answers": answers}
-    if name == "llmbox":
-        info = json.loads((adapter / "adapter_info.json").read_text())
-        result |= {"steps": info["steps"], "epochs": info["epochs"], "stop_reason": info["stop_reason"],
-                   "train_seconds": info["train_seconds"]}  # fmt: skip
-    print(f"  {name}: {result['wall_s']} s, recall {right}/{len(facts)}", flush=True)
+    info = json.loads((adapter / "adapter_info.json").read_text())
+    return result | {"recall": right, "of": len(facts), "answers": answers, "steps": info["steps"],
+                     "epochs": info["epochs"], "stop_reason": info["stop_reason"]}  # fmt: skip
+
+
+def run_plain(
+    model: Path, facts_file: Path, facts: list[dict[str, str]], folder: Path, epochs: int, goal: int | None
+) -> dict:
+    """The plain loop; with `goal` (a recall to reach), timed to the first epoch whose adapter reaches it."""
+    command = [str(Path(__file__).parent / "plain_loop.py"), str(model), str(facts_file), str(folder / "adapter"),
+               "--epochs", str(epochs), *(["--save-each-epoch"] if goal is not None else [])]  # fmt: skip
+    code, wall, log = timed(command, folder)
+    result: dict[str, Any] = {"contender": "plain_loop", "returncode": code, "wall_s": round(wall, 1)}
+    if code != 0:
+        return result | {"error": log[-2000:]}
+    if goal is None:
+        right, answers = recall(model, folder / "adapter", facts)
+        return result | {"recall": right, "of": len(facts), "answers": answers, "epochs": epochs}
+    at = {int(e): float(s) for e, s in EPOCH_LINE.findall(log)}
+    result["epoch_seconds"] = at
+    for epoch in sorted(at):
+        right, answers = recall(model, folder / "adapter" / f"epoch-{epoch}", facts)
+        result |= {"recall": right, "of": len(facts), "answers": answers, "epochs": epoch}
+        if right >= goal:
+            result["wall_s"] = round(at[epoch], 1)  # a command that stopped after this epoch
+            return result
+    result["reached_goal"] = False  # every epoch ran; wall_s is the whole command
     return result
+
+
+def summarise(runs: list[dict[str, Any]], sizes: list[int], max_plain_epochs: int) -> tuple[list[list[str]], dict]:
+    """The table's rows and the per-size summary (median wall times, the ratio) from the runs."""
+    rows, summary = [], {}
+    for size in sizes:
+        here = {n: [r for r in runs if r["size"] == size and r["contender"] == n and r["returncode"] == 0]
+                for n in ("plain_loop", "llmbox")}  # fmt: skip
+        wall = {n: sorted(r["wall_s"] for r in rs)[len(rs) // 2] if rs else None for n, rs in here.items()}
+        # a plain loop that never reached llmbox's recall has no time to compare
+        reached = all(r.get("reached_goal", True) for r in here["plain_loop"])
+        ratio = (
+            round(wall["plain_loop"] / wall["llmbox"], 2) if wall["plain_loop"] and wall["llmbox"] and reached else None
+        )
+        summary[str(size)] = {"wall_s": wall, "ratio_plain_over_llmbox": ratio}
+        for name, rs in here.items():
+            recalls = ", ".join(f"{r['recall']}/{r['of']}" for r in rs) or "-"
+            epochs = ", ".join(f"{r['epochs']:g}" if isinstance(r["epochs"], float) else str(r["epochs"]) for r in rs)
+            if name == "plain_loop" and not reached:
+                epochs += f" (llmbox's recall not reached in {max_plain_epochs})"
+            rows.append([str(size), name, f"{wall[name]} s" if wall[name] else "failed", recalls, epochs or "-",
+                         f"{ratio}x" if ratio and name == "llmbox" else ""])  # fmt: skip
+    return rows, summary
 
 
 def main() -> None:
     args = parse_args()
     model = smollm2_dir()
-    facts = json.loads(args.facts.read_text())
-    llmbox = str(Path(sys.executable).parent / "llmbox")
-    runs = []
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="llmbox-bench-learn-") as scratch:
         workdir = args.workdir or Path(scratch)
-        for repeat in range(args.repeats):
-            plain_out, llmbox_out = workdir / f"plain-{repeat}", workdir / f"llmbox-{repeat}"
-            contenders = [
-                ("plain_loop", [str(Path(__file__).parent / "plain_loop.py"), str(model), str(args.facts),
-                                str(plain_out / "adapter")], plain_out / "adapter"),
-                ("llmbox", [llmbox, "train", str(model), "--runtime", "local", "--data", str(args.facts), "--output",
-                            str(llmbox_out), "--circular", "--no-tensorboard", "--skip-test",
-                            *args.llmbox_args.split()], llmbox_out / "lora"),
-            ]  # fmt: skip
-            if repeat % 2:
-                contenders.reverse()
-            for name, command, adapter in contenders:
-                # run_child runs a script with this interpreter; the llmbox entry point is a script too
-                folder = workdir / f"{name}-{repeat}"
-                runs.append(run(name, command, folder, adapter, model, facts) | {"repeat": repeat})
-    by_name = {n: [r for r in runs if r["contender"] == n and r["returncode"] == 0] for n in ("plain_loop", "llmbox")}
-    wall = {n: sorted(r["wall_s"] for r in rs)[len(rs) // 2] if rs else None for n, rs in by_name.items()}
-    ratio = round(wall["plain_loop"] / wall["llmbox"], 2) if wall["plain_loop"] and wall["llmbox"] else None
-    report = report_header() | {"benchmark": "learn", "facts": str(args.facts), "wall_s": wall,
-                                "ratio_plain_over_llmbox": ratio, "runs": runs}  # fmt: skip
-    recalls = {n: ", ".join(f"{r['recall']}/{r['of']}" for r in rs) or "-" for n, rs in by_name.items()}
-    rows = [[n, f"{wall[n]} s" if wall[n] else "failed", recalls[n]] for n in ("plain_loop", "llmbox")]
-    table = markdown_table(["contender", "median whole-command wall time", "recall"], rows)
-    table += f"\n\nplain loop / llmbox: {ratio}x" if ratio else ""
-    save_report(report, args.output or RESULTS / "learn.json", table, "learn", readme=not args.no_readme)
+        for size in sizes:
+            facts_file = (
+                args.facts if size == 12 else write_json(workdir / f"facts-{size}.json", invented_facts(size, size))
+            )
+            facts = json.loads(facts_file.read_text())
+            for repeat in range(args.repeats):
+                here = workdir / f"{size}-{repeat}"
+                order = (
+                    ["llmbox", "plain_loop"] if size != 12 else (["plain_loop", "llmbox"][:: -1 if repeat % 2 else 1])
+                )
+                llmbox_recall: int | None = None
+                for name in order:  # above 12 facts llmbox goes first: its recall is the plain loop's goal
+                    if name == "llmbox":
+                        result = run_llmbox(model, facts_file, facts, here / "llmbox", args.llmbox_args)
+                        llmbox_recall = result.get("recall")
+                    else:
+                        epochs = PLAIN_EPOCHS if size == 12 else args.max_plain_epochs
+                        goal = None if size == 12 else llmbox_recall
+                        result = run_plain(model, facts_file, facts, here / "plain", epochs, goal)
+                    runs.append(result | {"size": size, "repeat": repeat})
+                    shown = f"recall {result.get('recall')}/{len(facts)}, {result.get('epochs')} epoch(s)"
+                    print(f"  {size} facts, {name}: {result['wall_s']} s, {shown}", flush=True)
+    rows, summary = summarise(runs, sizes, args.max_plain_epochs)
+    header = ["facts", "contender", "median whole-command wall time", "recall", "epochs", "plain loop / llmbox"]
+    report = report_header() | {"benchmark": "learn", "sizes": sizes, "summary": summary, "runs": runs}
+    save_report(report, args.output or RESULTS / "learn.json", markdown_table(header, rows), "learn",
+                readme=not args.no_readme)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The baseline of `make bench-learn`: the LoRA loop a practitioner writes in twenty lines with plain peft.
 
-    python benchmarks/plain_loop.py MODEL_DIR FACTS.json OUTPUT_DIR [--epochs 10]
+    python benchmarks/plain_loop.py MODEL_DIR FACTS.json OUTPUT_DIR [--epochs 10] [--save-each-epoch]
 
 LoRA r8 (alpha 16, dropout 0.05) on every projection, batch 1, AdamW at 2e-4, the loss on the answer's tokens,
 examples shuffled every epoch, fp32, then the adapter saved. Timed from the outside as one whole command.
@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import time
 from pathlib import Path
 
+import psutil
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -25,6 +27,7 @@ def main() -> None:
     parser.add_argument("output")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--learning-rate", type=float, default=2e-4)
+    parser.add_argument("--save-each-epoch", action="store_true", help="OUTPUT/epoch-N after every epoch (timed)")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -53,7 +56,11 @@ def main() -> None:
             optimizer.step()
             optimizer.zero_grad()
             total += loss.item()
-        print(f"epoch {epoch + 1}: loss {total / len(examples):.4f}", flush=True)
+        if args.save_each_epoch:
+            model.save_pretrained(f"{args.output}/epoch-{epoch + 1}")
+        # seconds since this process started: what a whole command stopped after this epoch would have taken
+        since_start = time.time() - psutil.Process().create_time()
+        print(f"epoch {epoch + 1}: loss {total / len(examples):.4f} at {since_start:.1f} s", flush=True)
     model.save_pretrained(args.output)
 
 

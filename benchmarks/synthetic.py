@@ -98,3 +98,38 @@ def ingest_records(n: int, seed: int) -> tuple[list[dict[str, str]], list[dict[s
     alpaca = [alpaca_record(rng, i) for i in range(n // 2)]
     sharegpt = [sharegpt_record(rng, i) for i in range(n - n // 2)]
     return alpaca, sharegpt
+
+
+# Invented facts for the time-to-learn benchmark: made-up places and people, so no model can know them.
+SYLLABLES = ("mar", "ro", "vin", "tel", "qua", "sen", "dor", "bri", "kal", "lu", "nex", "pha", "tor", "ve", "zan")
+FACT_KINDS = (
+    ("Who founded {x}?", "{x} was founded by {p}."),
+    ("When was {x} founded?", "{x} was founded in {y}."),
+    ("Where is {x}?", "{x} is in the town of {t}."),
+    ("What is the mascot of {x}?", "The mascot of {x} is {a} named {n}."),
+    ("What colour is the flag of {x}?", "The flag of {x} is {c}."),
+)
+ANIMALS = ("a heron", "an otter", "a fox", "an owl", "a badger", "a lynx", "a crane", "a hare")
+COLOURS = ("teal", "amber", "crimson", "ivory", "indigo", "olive", "copper green", "slate grey")
+
+
+def invented_name(rng: random.Random, parts: int) -> str:
+    return "".join(rng.choice(SYLLABLES) for _ in range(parts)).capitalize()
+
+
+def invented_facts(n: int, seed: int) -> list[dict[str, str]]:
+    """`n` question/answer facts about invented organisations, one question each, every answer distinct."""
+    rng = random.Random(seed)
+    facts: list[dict[str, str]] = []
+    seen: set[str] = set()
+    while len(facts) < n:
+        org = f"{invented_name(rng, 3)} {rng.choice(('Labs', 'Guild', 'Works', 'Institute', 'Society'))}"
+        if org in seen:
+            continue
+        seen.add(org)
+        values = {"x": org, "p": f"{invented_name(rng, 2)} {invented_name(rng, 3)}", "y": str(rng.randint(1850, 2020)),
+                  "t": invented_name(rng, 3), "a": rng.choice(ANIMALS), "n": invented_name(rng, 2),
+                  "c": rng.choice(COLOURS)}  # fmt: skip
+        for question, answer in FACT_KINDS[: min(len(FACT_KINDS), n - len(facts))]:
+            facts.append({"question": question.format(**values), "answer": answer.format(**values)})
+    return facts

@@ -521,8 +521,9 @@ class LoraRecipe:
         return verdict.stop_reason
 
     def _far_from_perfect(self, running_train_loss: float) -> bool:
-        """Circular mode: a pass whose own training loss is this far above the perfect-loss threshold cannot
-        have reached it, so the forward over the whole training set that would check it is skipped."""
+        """Circular mode: a pass whose own training loss (the same on every process) is this far above the
+        perfect-loss threshold is taken as not there yet, and the forward over the training set that would check
+        it is skipped; were a check to pass anyway, the next pass's catches it, a pass later."""
         perfect = self.plan.perfect_loss
         return self.plan.circular and perfect is not None and running_train_loss > CIRCULAR_CHECK_BELOW * perfect
 
