@@ -188,15 +188,15 @@ def load_lora_model(spec: dict[str, Any], four_bit: bool = False) -> Any:
     the QLoRA recipe) and the LoRA wrapped the way llmbox wraps it (same seed, same A)."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
+
+    from llmbox_engine import quantized
 
     dtype = torch.bfloat16 if on_gpu(spec) else torch.float32
     device = "cuda" if on_gpu(spec) else "cpu"
     extra: dict[str, Any] = {}
     if four_bit:
-        extra["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
-        )
+        extra["quantization_config"] = quantized.config(4, compute=dtype)  # exactly llmbox's QLoRA settings
         extra["device_map"] = {"": device}
     model = AutoModelForCausalLM.from_pretrained(
         spec["model"], dtype=dtype, attn_implementation=attention_for(spec), **extra

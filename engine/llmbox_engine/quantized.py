@@ -40,7 +40,7 @@ quiet_noise()  # an in-process user of the engine (tests, benchmarks) imports th
 
 
 def import_bitsandbytes() -> Any:
-    quiet_noise()
+    """bitsandbytes, imported once this module's filters are in place."""
     import bitsandbytes
 
     return bitsandbytes
@@ -70,16 +70,6 @@ def require(what: str, device: str) -> None:
         ) from exc
 
 
-def compute_dtype(precision: str) -> Any:
-    """The dtype 4-bit layers multiply in: the plan's precision, with bf16-mixed (a CPU that multiplies bf16
-    natively) in bf16."""
-    import torch
-
-    return {"fp32": torch.float32, "bf16-mixed": torch.bfloat16, "bf16": torch.bfloat16, "fp16": torch.float16}[
-        precision
-    ]
-
-
 def config(bits: Bits, compute: Any, storage: Any = None) -> Any:
     """The `BitsAndBytesConfig` for 4-bit NF4 with double quantization (the QLoRA recipe) or 8-bit weights.
     `storage`: the dtype FSDP2 shards 4-bit weights as (the compute dtype; uint8 there trains to NaN)."""
@@ -96,15 +86,12 @@ def config(bits: Bits, compute: Any, storage: Any = None) -> Any:
     )
 
 
-def keep_one_weight_format(model: Any) -> int:
+def keep_one_weight_format(model: Any) -> None:
     """Keep 4-bit layers in the format they train in, through evaluations too. On CPUs with AVX512-BF16,
     bitsandbytes repacks a layer's weights for a faster inference kernel the first time it runs without
     gradients, and every later pass, training ones included, then computes from the repacked weights with
     slightly different rounding: a run's steps would change numerics at its first evaluation, and a resumed
-    run (which evaluates at other steps) would not continue the curve exactly. Returns the layers changed."""
-    changed = 0
+    run (which evaluates at other steps) would not continue the curve exactly."""
     for module in model.modules():
         if getattr(module, "support_avx512bf16_for_cpu", False):
             module.support_avx512bf16_for_cpu = False
-            changed += 1
-    return changed

@@ -75,9 +75,13 @@ def effective_batch_goal(flags: PlanFlags, n_train: int) -> int:
     return min(DEFAULT_EFFECTIVE_BATCH, n_train)
 
 
+def cpu_tokens_per_pass(precision: Precision) -> int:
+    return CPU_TOKENS_PER_PASS.get(precision, CPU_TOKENS_PER_PASS["fp32"])
+
+
 def cpu_pass_tokens(seq: int, precision: Precision) -> int:
     """The most tokens one forward/backward pass holds on CPU (a longer micro-batch runs as several passes)."""
-    return max(seq, CPU_TOKENS_PER_PASS.get(precision, CPU_TOKENS_PER_PASS["fp32"]))
+    return max(seq, cpu_tokens_per_pass(precision))
 
 
 def checkpointing(
@@ -123,11 +127,11 @@ def batch(
         forward_tokens = max_batch * seq
     else:
         # CPU: throughput, not memory, is the limit, and small passes are the fastest (see the module docstring)
-        per_pass = CPU_TOKENS_PER_PASS.get(precision, CPU_TOKENS_PER_PASS["fp32"])
+        per_pass = cpu_tokens_per_pass(precision)
         # passes, not micro-batches, hold activations here (a micro-batch runs as passes of at most `per_pass`
         # tokens), so a micro-batch takes about as many examples of the mean length as one pass holds
         typical = max(1, min(seq, math.ceil(mean_tokens)))
-        max_batch, forward_tokens = max(1, per_pass // typical), max(seq, per_pass)
+        max_batch, forward_tokens = max(1, per_pass // typical), cpu_pass_tokens(seq, precision)
         limit_why = f"CPU passes hold at most {per_pass} tokens in {precision} ({typical} per example on average)"
         if fits is not None and fits * seq < forward_tokens:
             max_batch, limit_why = max(1, fits), f"{max(1, fits)} sequence(s) of {seq} tokens fit in memory"

@@ -91,7 +91,7 @@ def read_adapter(folder: Path, linear_shapes: dict[str, tuple[int, int]], base_f
     if seen is None or not folder.is_dir():
         raise AdapterError(f"{folder}: no such folder")
     config = _read_config(folder)
-    info = _read_info(folder)
+    info = read_info(folder)
     weights_file = next((name for name in WEIGHT_FILES if (folder / name).is_file()), None)
     if weights_file is None:
         raise AdapterError(f"{folder}: no {' or '.join(WEIGHT_FILES)}")
@@ -124,7 +124,8 @@ def _read_config(folder: Path) -> Any:
         raise AdapterError(f"{path}: not a valid LoRA config: {exc}") from None
 
 
-def _read_info(folder: Path) -> dict[str, Any]:
+def read_info(folder: Path) -> dict[str, Any]:
+    """adapter_info.json's contents ({} without one); AdapterError when it is unreadable or not a JSON object."""
     path = folder / ADAPTER_INFO
     return _read_json(path) if path.exists() else {}
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ import torch
 from llmbox.model_facts import max_positions, read_config
 from llmbox_engine import quantized
 from llmbox_engine.host_view import model_name
+from llmbox_engine.serve.adapters import AdapterError, read_info
 from llmbox_engine.serve.prompts import stop_token_ids
 from llmbox_engine.train.artifacts import model_fingerprint
 from llmbox_engine.train.model_setup import load_tokenizer
@@ -64,11 +64,10 @@ def base_weights_for(asked: str, adapter_dir: Path | None) -> tuple[str, str]:
     SmolLM2 after training to a loss of 0.01: 12/12 trained facts on the 4-bit base, 10/12 on the fp32 one)."""
     if asked != "auto":
         return asked, "--base-weights"
-    info_file = adapter_dir / "adapter_info.json" if adapter_dir is not None else None
     plan: dict[str, Any] = {}
-    if info_file is not None and info_file.is_file():
-        with contextlib.suppress(OSError, ValueError):
-            plan = json.loads(info_file.read_text()).get("plan") or {}
+    if adapter_dir is not None:
+        with contextlib.suppress(AdapterError):  # the adapter's own loading reports a broken file
+            plan = read_info(adapter_dir).get("plan") or {}
     if plan.get("load_in_4bit"):
         return "4bit", "the adapter was trained on 4-bit weights; --base-weights full for full precision"
     if plan.get("load_in_8bit"):

@@ -20,12 +20,18 @@ M_MMAP_MAX = -4
 _NEVER_TRIM = 2**31 - 1  # an int: the largest top-of-heap slack glibc will keep before giving pages back
 
 
+def _glibc() -> ctypes.CDLL | None:
+    """The C library this process runs on, when it is glibc (not macOS, not musl, whose malloc differs)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    process = ctypes.CDLL(None)
+    return process if hasattr(process, "gnu_get_libc_version") else None
+
+
 def keep_freed_memory() -> bool:
     """Tune this process's glibc malloc as above; False where there is no glibc (macOS, musl) and nothing changed."""
-    if not sys.platform.startswith("linux"):
-        return False
-    process = ctypes.CDLL(None)  # the C library this process runs on
-    if not hasattr(process, "gnu_get_libc_version"):  # not glibc: its mallopt may ignore these, or be missing
+    process = _glibc()
+    if process is None:
         return False
     mallopt = process.mallopt
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
@@ -36,10 +42,8 @@ def release_freed_memory() -> bool:
     """Give the heap's free pages back to the system once, after loading: a quantized load reads each weight in
     the checkpoint's precision before packing it, and under `keep_freed_memory` those pages would stay resident
     for the whole run. False where there is no glibc."""
-    if not sys.platform.startswith("linux"):
-        return False
-    process = ctypes.CDLL(None)
-    if not hasattr(process, "malloc_trim"):
+    process = _glibc()
+    if process is None:
         return False
     process.malloc_trim(0)
     return True

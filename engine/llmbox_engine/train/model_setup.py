@@ -62,7 +62,7 @@ def load_base_model(
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attention, "trust_remote_code": trust_remote_code}
     if method == "qlora" or use_8bit:
         quantized.require("QLoRA (4-bit weights)" if method == "qlora" else "--use-8bit", device)
-        compute = quantized.compute_dtype(precision)
+        compute = torch.bfloat16 if precision == "bf16-mixed" else dtype  # bf16-mixed multiplies in bf16
         # FSDP2 shards the packed 4-bit storage as tensors of this dtype; uint8 there trains to NaN
         storage = compute if sharded and method == "qlora" else None
         kwargs["quantization_config"] = quantized.config(4 if method == "qlora" else 8, compute, storage)
