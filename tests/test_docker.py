@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -59,6 +60,21 @@ def test_train_in_the_container_writes_an_adapter_the_caller_owns(
     assert f"adapter: {home / 'lora'}" in proc.stdout and "/work/lora" not in proc.stdout  # host paths shown
     assert not (home / "model" / "lora").exists()  # the weights are mounted read-only, nothing lands there
     assert data.stat().st_uid == os.getuid()
+
+
+def test_export_in_the_container_writes_a_gguf_the_caller_owns(
+    cpu_image: str, tmp_path: Path, trained: Callable[[str], tuple[Path, Path]]
+) -> None:
+    model_dir, adapter_dir = trained("llama")
+    home = tmp_path / "tiny"
+    shutil.copytree(model_dir, home / "model")
+    shutil.copytree(adapter_dir, home / "lora")
+    out = tmp_path / "exports" / "tiny.gguf"
+    proc = run_llmbox("export", str(home), "--runtime", "docker", "--format", "gguf", "-o", str(out), "--ollama")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert out.read_bytes()[:4] == b"GGUF" and out.stat().st_uid == os.getuid()
+    assert f"exported {out}" in proc.stdout and "/out/" not in proc.stdout  # host paths shown
+    assert (out.parent / "Modelfile").read_text().startswith("FROM ./tiny.gguf")
 
 
 def test_the_model_and_data_are_read_only_inside(cpu_image: str, tmp_path: Path, tiny_llama: Path) -> None:

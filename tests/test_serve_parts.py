@@ -321,7 +321,9 @@ def host_serve(monkeypatch: pytest.MonkeyPatch, runtime: str, *args: str) -> dic
         seen.update(spec=spec)
         return 0
 
-    monkeypatch.delenv("LLMBOX_API_KEY", raising=False)
+    # the local runtime hands the key on through os.environ: set then delete, so the undo removes what serve sets
+    monkeypatch.setenv("LLMBOX_API_KEY", "")
+    monkeypatch.delenv("LLMBOX_API_KEY")
     monkeypatch.setattr(main, "choose_runtime", lambda asked: runtime)
     monkeypatch.setattr(main, "run_engine", engine)
     monkeypatch.setattr(main, "engine_image", lambda image, gpus: ("llmbox/engine:cpu", None))

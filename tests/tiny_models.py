@@ -81,14 +81,19 @@ def tiny_config(family: str, vocab_size: int) -> Any:
     raise ValueError(f"no tiny config for family {family!r}")
 
 
-def build_tiny_model(family: str, out_dir: Path, chat_template: str | None = CHATML_TEMPLATE, seed: int = 0) -> Path:
-    """Save a random model of `family` and its tokenizer to `out_dir` (an HF folder)."""
+def build_tiny_model(
+    family: str, out_dir: Path, chat_template: str | None = CHATML_TEMPLATE, seed: int = 0, **overrides: Any
+) -> Path:
+    """Save a random model of `family` and its tokenizer to `out_dir` (an HF folder); `overrides` set config values."""
     import torch
     from transformers import AutoModelForCausalLM
 
     tokenizer = build_tokenizer(chat_template)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family, len(tokenizer)), dtype=torch.float32)
+    config = tiny_config(family, len(tokenizer))
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     return out_dir

@@ -16,6 +16,7 @@ from llmbox.errors import UserError
 from llmbox.model_home import llmbox_home, resolve_model
 from llmbox.options import (
     DATA_REPORT_OPTIONS,
+    EXPORT_OPTIONS,
     SERVE_OPTIONS,
     TRAIN_OPTIONS,
     config_file_option,
@@ -198,6 +199,51 @@ def serve(
     secrets = (("LLMBOX_API_KEY", api_key),) if api_key else ()
     name = docker.container_name("serve", home.name)
     spec = docker.ContainerSpec(chosen, command, mounts, gpus=gpus, name=name, model_name=home.name, secrets=secrets)
+    sys.exit(docker.run_container(spec))
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--adapter", type=click.Path(path_type=Path), help="Export this adapter folder (default: MODEL's lora/).")
+@engine_options
+@with_options(EXPORT_OPTIONS)
+def export(
+    model: str,
+    runtime: str,
+    adapter: Path | None,
+    trust_remote_code: bool,
+    image: str | None,
+    gpus: str | None,
+    **values: Any,
+) -> None:
+    """Export MODEL with its trained adapter: merged HF weights, a GGUF (llama.cpp, Ollama) or a LoRA GGUF."""
+    from llmbox.export_request import export_request
+
+    home = resolve_model(model)
+    if adapter is not None and values["no_lora"]:
+        raise UserError("--adapter and --no-lora contradict each other: give one")
+    request = export_request(values)
+    lora = None if values["no_lora"] else (adapter.expanduser().resolve() if adapter else home.lora)
+    if lora is not None and not lora.is_dir():
+        raise UserError(f"{lora}: no trained adapter there (train first, --adapter PATH, or --no-lora for the base)")
+    flags = ["--trust-remote-code"] if trust_remote_code else []
+    request.output.parent.mkdir(parents=True, exist_ok=True)
+    if choose_runtime(runtime) == "local":
+        adapter_dir = ["--adapter-dir", str(lora)] if lora else []
+        options = to_argv(EXPORT_OPTIONS, values | {"output": str(request.output)})
+        sys.exit(run_engine("export", ["--model-path", str(home.weights), *flags, *adapter_dir, *options]))
+    from llmbox.runtime import docker
+
+    chosen, gpus = engine_image(image, gpus)
+    mounts = [docker.Mount(home.weights, "/model"), docker.Mount(request.output.parent, "/out", read_only=False)]
+    adapter_dir = []
+    if lora is not None:
+        mounts.append(docker.Mount(lora, "/adapter"))
+        adapter_dir = ["--adapter-dir", "/adapter"]
+    options = to_argv(EXPORT_OPTIONS, values | {"output": f"/out/{request.output.name}"})
+    command = ["python", "-m", "llmbox_engine", "export", "--model-path", "/model", *flags, *adapter_dir, *options]
+    name = docker.container_name("export", home.name)
+    spec = docker.ContainerSpec(chosen, command, mounts, gpus=gpus, name=name, model_name=home.name)
     sys.exit(docker.run_container(spec))
 
 

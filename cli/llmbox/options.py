@@ -27,17 +27,19 @@ class Opt:
     is_flag: bool = False
     required: bool = False
     flag_value: Any = None  # the value of an option given without one (`--tensorboard-only` alone)
+    short: str | None = None  # a one-letter alias (`-o`)
 
     @property
     def dest(self) -> str:
         return self.flag.lstrip("-").replace("-", "_")
 
     def click_option(self) -> Callable[[F], F]:
+        names = (self.short, self.flag) if self.short else (self.flag,)
         if self.is_flag:
-            return click.option(self.flag, self.dest, is_flag=True, default=False, help=self.help)
+            return click.option(*names, self.dest, is_flag=True, default=False, help=self.help)
         optional_value = {"is_flag": False, "flag_value": self.flag_value} if self.flag_value is not None else {}
         return click.option(
-            self.flag, self.dest, type=self.type, default=self.default, required=self.required,
+            *names, self.dest, type=self.type, default=self.default, required=self.required,
             show_default=self.default is not None, help=self.help, **optional_value,
         )  # fmt: skip
 
@@ -196,4 +198,20 @@ SERVE_OPTIONS: tuple[Opt, ...] = (
     Opt("--image-dir", "Vision models: chat requests may name image files (a path or file:// URL) inside this "
         "folder; without it only data: URLs are taken, and http(s) URLs never.",
         type=click.Path(exists=True, file_okay=False, resolve_path=True)),
+)  # fmt: skip
+
+
+EXPORT_OPTIONS: tuple[Opt, ...] = (
+    Opt("--format", "hf: the adapter merged into the base weights (safetensors); gguf: the merged model as one "
+        "GGUF file (llama.cpp, Ollama); lora-gguf: the adapter alone as a GGUF LoRA.",
+        type=click.Choice(["hf", "gguf", "lora-gguf"]), required=True),
+    Opt("--output", "The folder (hf) or .gguf file to write.", required=True, short="-o"),
+    Opt("--dtype", "hf: the merged weights' precision (auto: as the base is stored).",
+        type=click.Choice(["auto", "bf16", "f16", "f32"]), default="auto"),
+    Opt("--quant", "gguf, lora-gguf: the weights' type (f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0; K-quants "
+        "through llama.cpp's llama-quantize).", default="f16"),
+    Opt("--no-lora", "Export the base model alone (the base GGUF a lora-gguf export applies over).", is_flag=True),
+    Opt("--ollama", "gguf: write an Ollama Modelfile beside the file and print the `ollama create` command.",
+        is_flag=True),
+    Opt("--force", "Replace an existing output.", is_flag=True),
 )  # fmt: skip

@@ -36,6 +36,28 @@ def staged_dir(final: Path, keep_previous: Path | None = None) -> Iterator[Path]
         raise
 
 
+@contextmanager
+def staged_file(final: Path) -> Iterator[Path]:
+    """A path beside `final` to write; on success it is flushed and renamed to `final`, on failure removed."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = final.with_name(f".{final.name}.partial-{os.getpid()}")
+    try:
+        yield staging
+        with staging.open("rb") as f:
+            os.fsync(f.fileno())
+        staging.chmod(0o666 & ~_umask())
+        staging.replace(final)
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def write_json(path: Path, value: Any) -> None:
     """Write-then-rename, so a reader never sees a truncated file."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -46,8 +68,7 @@ def write_json(path: Path, value: Any) -> None:
 def _finalise_tree(folder: Path) -> None:
     """Flush every file to disk, and give the tree ordinary permissions: mkdtemp makes it private (0700),
     which would hide a published adapter from a server running as another user."""
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = _umask()
     folder.chmod(0o777 & ~umask)
     for path in folder.rglob("*"):
         if path.is_file():

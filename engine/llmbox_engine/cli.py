@@ -10,7 +10,14 @@ from typing import Any
 import click
 
 from llmbox.errors import UserError
-from llmbox.options import DATA_REPORT_OPTIONS, SERVE_OPTIONS, TRAIN_OPTIONS, config_file_option, with_options
+from llmbox.options import (
+    DATA_REPORT_OPTIONS,
+    EXPORT_OPTIONS,
+    SERVE_OPTIONS,
+    TRAIN_OPTIONS,
+    config_file_option,
+    with_options,
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -119,3 +126,22 @@ def serve(model_path: Path, adapter_dir: Path | None, trust_remote_code: bool, *
             image_dir=Path(values["image_dir"]) if values["image_dir"] else None,
         )
     )
+
+
+@engine.command()
+@click.option("--model-path", type=click.Path(path_type=Path), required=True, help="The base model (an HF folder).")
+@click.option("--adapter-dir", type=click.Path(path_type=Path), help="The adapter folder to export with the base.")
+@click.option(
+    "--trust-remote-code", is_flag=True, help="Run the model repository's own Python code (only if you trust it)."
+)
+@with_options(EXPORT_OPTIONS)
+def export(model_path: Path, adapter_dir: Path | None, trust_remote_code: bool, **values: Any) -> None:
+    """Export MODEL_PATH with an adapter: merged HF weights, a GGUF, or a LoRA GGUF (what `llmbox export` runs)."""
+    from llmbox.export_request import export_request
+    from llmbox_engine.export.command import run_export
+
+    if values["no_lora"] and adapter_dir is not None:
+        raise UserError("--no-lora and --adapter-dir contradict each other: give one")
+    if not values["no_lora"] and adapter_dir is None:
+        raise UserError("give --adapter-dir, or --no-lora to export the base alone")
+    run_export(model_path, adapter_dir, export_request(values), trust_remote_code)

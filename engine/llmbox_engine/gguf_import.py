@@ -12,6 +12,7 @@ from pathlib import Path
 
 from llmbox.errors import UserError
 from llmbox_engine.atomic import staged_dir
+from llmbox_engine.export.hf_folder import save_tokenizer
 
 
 def import_gguf(gguf_path: Path, out_dir: Path, dtype: str = "bfloat16") -> Path:
@@ -48,8 +49,7 @@ def import_gguf(gguf_path: Path, out_dir: Path, dtype: str = "bfloat16") -> Path
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with staged_dir(out_dir) as staging:
         model.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
-        _portable_tokenizer_config(staging)
+        save_tokenizer(tokenizer, staging)
         source = {"source": str(gguf_path), "source_bytes": gguf_path.stat().st_size, "dtype": dtype}
         (staging / "llmbox_import.json").write_text(json.dumps(source, indent=2))
     return out_dir
@@ -59,12 +59,3 @@ def _check_no_meta(model: object, source: Path) -> None:
     missing = [n for n, p in model.named_parameters() if p.is_meta]  # type: ignore[attr-defined]
     if missing:
         raise UserError(f"{source}: the GGUF file lacks weights for {', '.join(missing[:5])}")
-
-
-def _portable_tokenizer_config(folder: Path) -> None:
-    """transformers 5.x writes `TokenizersBackend`, which 4.x cannot load; the fast class reads in both."""
-    path = folder / "tokenizer_config.json"
-    config = json.loads(path.read_text())
-    if config.get("tokenizer_class") == "TokenizersBackend":
-        config["tokenizer_class"] = "PreTrainedTokenizerFast"
-        path.write_text(json.dumps(config, indent=2, ensure_ascii=False))

@@ -85,6 +85,19 @@ def signature(folder: Path) -> Signature | None:
     return tuple(entries)
 
 
+def linear_shapes(model: Any) -> dict[str, tuple[int, int]]:
+    """module path -> (in_features, out_features) of every layer LoRA can sit on (GPT-2's Conv1D included)."""
+    from transformers.pytorch_utils import Conv1D
+
+    shapes = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            shapes[name] = (module.in_features, module.out_features)
+        elif isinstance(module, Conv1D):  # weight stored [in, out]
+            shapes[name] = (int(module.weight.shape[0]), int(module.weight.shape[1]))
+    return shapes
+
+
 def read_adapter(folder: Path, linear_shapes: dict[str, tuple[int, int]], base_fingerprint: str) -> AdapterFiles:
     """Read and check an adapter folder against the base model's layers; AdapterError says what is wrong."""
     seen = signature(folder)

@@ -13,7 +13,7 @@ import torch
 from llmbox.model_facts import max_positions, read_config
 from llmbox_engine import quantized
 from llmbox_engine.host_view import model_name
-from llmbox_engine.serve.adapters import AdapterError, read_info
+from llmbox_engine.serve.adapters import AdapterError, linear_shapes, read_info
 from llmbox_engine.serve.prompts import stop_token_ids
 from llmbox_engine.train.artifacts import model_fingerprint
 from llmbox_engine.train.model_setup import load_tokenizer
@@ -120,11 +120,7 @@ def load_model(
         path=model_path,
         model_type=str(config.get("model_type", "")),
         fingerprint=model_fingerprint(model_path),
-        linear_shapes={
-            name: (module.in_features, module.out_features)
-            for name, module in model.named_modules()
-            if isinstance(module, torch.nn.Linear)
-        },
+        linear_shapes=linear_shapes(model),
         # transformers 5 renamed `past_key_values` to `cache`: take whichever this version's forward has
         cache_argument="cache" if "cache" in forward_parameters(model) else "past_key_values",
         keeps_logits="logits_to_keep" in forward_parameters(model),

@@ -1,0 +1,1 @@
+"""`llmbox export`: a trained adapter made useful outside llmbox (merged HF weights, GGUF, a LoRA GGUF, Ollama)."""
