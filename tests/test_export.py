@@ -12,7 +12,11 @@ import pytest
 import torch
 
 from export_helpers import GGUF_FAMILIES, PROMPT, export, greedy, logits, prompt_ids, reference
-from llama_cpp import llama_cpp_complete
+from llama_cpp import complete, llama_cpp_complete, llama_cpp_server, tokenize
+
+from tiny_models import build_tiny_model
+
+TEXTS = [PROMPT, "héllo wörld 🚀 3.14  two  spaces\nand a new line"]
 
 
 @pytest.mark.parametrize("family", [*GGUF_FAMILIES, "gpt2", "phi3"])
@@ -54,11 +58,37 @@ def test_gguf_reads_back_in_transformers_and_llama_cpp_as_the_merged_model(
     assert tokenizer(PROMPT, add_special_tokens=False)["input_ids"] == ids
     assert tokenizer.chat_template == AutoTokenizer.from_pretrained(model_dir).chat_template
 
-    run = llama_cpp_complete(gguf, ids)
+    original = AutoTokenizer.from_pretrained(model_dir)
+    with llama_cpp_server(gguf) as url:
+        # llama.cpp splits and merges text as the model's own tokenizer does; for the qwen2 architecture it splits
+        # digits one by one whatever the file says (as every real Qwen2 tokenizer does, unlike this tiny one)
+        for text in TEXTS if family != "qwen2" else [PROMPT]:
+            assert tokenize(url, text) == original(text, add_special_tokens=False)["input_ids"], text
+        run = complete(url, ids)
     assert run["tokens"] == greedy(merged, ids)
     log_probs = torch.log_softmax(expected[-1], dim=-1)
     for token, log_prob in run["top"]:
         assert log_prob == pytest.approx(log_probs[token].item(), abs=0.02)  # llama.cpp keeps its KV cache in f16
+
+
+def test_a_sentencepiece_style_tokenizer_survives_the_gguf(tmp_path: Path) -> None:
+    """BPE over "▁"-marked words with byte fallback (Llama 2, Mistral v1, Gemma) is GGUF's `llama` tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = build_tiny_model("llama", tmp_path / "model", sentencepiece_style=True)
+    gguf = tmp_path / "gguf" / "model.gguf"
+    export(model_dir, None, gguf, "--format", "gguf", "--quant", "f32")
+    original = AutoTokenizer.from_pretrained(model_dir)
+    read_back = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    ids = original(PROMPT)["input_ids"]
+    assert ids[0] == original.bos_token_id
+    with llama_cpp_server(gguf) as url:
+        for text in TEXTS:
+            assert tokenize(url, text, add_special=True) == original(text)["input_ids"], text
+            assert read_back(text)["input_ids"] == original(text)["input_ids"], text
+        assert complete(url, ids)["tokens"] == greedy(reference(model_dir, None), ids)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    torch.testing.assert_close(logits(model, ids), logits(reference(model_dir, None), ids), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("quant", ["f16", "q8_0", "q4_0"])

@@ -38,15 +38,33 @@ def _tokenizer_json() -> str:
     return str(tok.to_str())
 
 
-def build_tokenizer(chat_template: str | None = CHATML_TEMPLATE) -> Any:
+@cache
+def _sentencepiece_style_json() -> str:
+    """BPE over "▁"-marked words with byte fallback, as Llama 2, Mistral v1 and Gemma ship (in tokenizer.json)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    specials = ["<unk>", *SPECIAL_TOKENS[:4], *(f"<0x{i:02X}>" for i in range(256))]
+    tok.train_from_iterator([_CORPUS] * 4, trainer=trainers.BpeTrainer(vocab_size=700, special_tokens=specials))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])  # adds BOS
+    return str(tok.to_str())
+
+
+def build_tokenizer(chat_template: str | None = CHATML_TEMPLATE, sentencepiece_style: bool = False) -> Any:
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
+    spec = _sentencepiece_style_json() if sentencepiece_style else _tokenizer_json()
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(_tokenizer_json()),
+        tokenizer_object=Tokenizer.from_str(spec),
         bos_token="<s>",
         eos_token="<|im_end|>",
         pad_token="<pad>",
+        **({"unk_token": "<unk>"} if sentencepiece_style else {}),
     )
     tokenizer.chat_template = chat_template
     return tokenizer
@@ -82,16 +100,23 @@ def tiny_config(family: str, vocab_size: int) -> Any:
 
 
 def build_tiny_model(
-    family: str, out_dir: Path, chat_template: str | None = CHATML_TEMPLATE, seed: int = 0, **overrides: Any
+    family: str,
+    out_dir: Path,
+    chat_template: str | None = CHATML_TEMPLATE,
+    seed: int = 0,
+    sentencepiece_style: bool = False,
+    **overrides: Any,
 ) -> Path:
     """Save a random model of `family` and its tokenizer to `out_dir` (an HF folder); `overrides` set config values."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    tokenizer = build_tokenizer(chat_template)
+    tokenizer = build_tokenizer(chat_template, sentencepiece_style)
     torch.manual_seed(seed)
     config = tiny_config(family, len(tokenizer))
-    for key, value in overrides.items():
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id}  # fmt: skip
+    for key, value in {**ids, **overrides}.items():
         setattr(config, key, value)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(out_dir, safe_serialization=True)

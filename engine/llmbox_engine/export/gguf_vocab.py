@@ -45,6 +45,8 @@ def add_vocab(writer: Any, tokenizer: Any, model_dir: Path, vocab_size: int, cha
     if byte_fallback:
         writer.add_tokenizer_model("llama")
         writer.add_tokenizer_pre("default")
+        # Llama 2 and Mistral v1 mark the first word with "▁" as every other; Gemma does not
+        writer.add_add_space_prefix(tokenizer.tokenize("a")[0].startswith("▁"))
         # SentencePiece BPE merges the highest-scoring pair first; its pieces are stored in merge order
         writer.add_token_scores([-float(i) for i in range(len(tokens))])
     else:
