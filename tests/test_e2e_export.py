@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from llama_cpp import llama_cpp_complete
+from llama_cpp_reader import llama_cpp_complete
 from serve_helpers import chat, running_server
 from test_e2e_quantized import QUESTIONS, missed, train_facts
 from test_e2e_smollm2 import greedy_answers

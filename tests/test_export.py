@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from export_helpers import GGUF_FAMILIES, PROMPT, export, greedy, logits, prompt_ids, reference
-from llama_cpp import complete, llama_cpp_complete, llama_cpp_server, tokenize
+from llama_cpp_reader import complete, llama_cpp_complete, llama_cpp_server, tokenize
 
 from tiny_models import build_tiny_model
 
