@@ -77,6 +77,54 @@ def test_export_in_the_container_writes_a_gguf_the_caller_owns(
     assert (out.parent / "Modelfile").read_text().startswith("FROM ./tiny.gguf")
 
 
+def start_container_node(model: Path, rank: int, out: Path, data: Path, port: int) -> subprocess.Popen[str]:
+    """`llmbox train --runtime docker` as node RANK of 2 (one process each), meeting on 127.0.0.1:PORT."""
+    from test_distributed import BATCHES, EXACT
+
+    command = [str(Path(sys.executable).with_name("llmbox")), "train", str(model), "--runtime", "docker",
+               "--data", str(data), "--output", str(out), "--no-tensorboard", "--skip-test", *EXACT, *BATCHES,
+               "--max-steps", "4", "--nnodes", "2", "--node-rank", str(rank), "--master-addr", "127.0.0.1",
+               "--master-port", str(port), "--nproc-per-node", "1"]  # fmt: skip
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo"}  # the collectives stay on loopback
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def run_container_nodes(model: Path, tmp_path: Path, data: list[Path]) -> list[tuple[int, str, str]]:
+    """Two machines: each node its own model directory and its own copy of the data."""
+    port = free_port()
+    nodes = [start_container_node(model, rank, tmp_path / f"node{rank}", data[rank], port) for rank in range(2)]
+    outputs = [node.communicate(timeout=600) for node in nodes]
+    return [(node.returncode, stdout, stderr) for node, (stdout, stderr) in zip(nodes, outputs, strict=True)]
+
+
+def test_two_nodes_in_two_containers_train_one_adapter_like_one_process(cpu_image: str, tmp_path: Path) -> None:
+    from test_distributed import assert_same_run, train_cli
+
+    from tiny_models import build_tiny_model
+
+    model = build_tiny_model("llama", tmp_path / "model")
+    data = [write_json(tmp_path / f"data{rank}" / "qa.json", qa_records(40)) for rank in range(2)]
+    train_cli(model, tmp_path / "one", data[0], "--max-steps", "4")
+    (code0, out0, err0), (code1, out1, err1) = run_container_nodes(model, tmp_path, data)
+    assert code0 == 0 and code1 == 0, out0[-2000:] + err0[-2000:] + out1[-2000:] + err1[-2000:]
+    assert "2 = 2 nodes x 1 (ddp)" in out0
+    assert_same_run(tmp_path / "one", tmp_path / "node0")
+    adapter = tmp_path / "node0" / "lora" / "adapter_model.safetensors"
+    assert adapter.stat().st_uid == os.getuid() and not (tmp_path / "node1" / "lora").exists()
+
+
+def test_two_container_nodes_given_different_data_stop_naming_the_node(cpu_image: str, tmp_path: Path) -> None:
+    from tiny_models import build_tiny_model
+
+    model = build_tiny_model("llama", tmp_path / "model")
+    data = [write_json(tmp_path / f"data{rank}" / "qa.json", qa_records(40, seed=rank)) for rank in range(2)]
+    results = run_container_nodes(model, tmp_path, data)
+    shown = "".join(stderr for _, _, stderr in results)
+    assert all(code != 0 for code, _, _ in results), shown
+    assert "the training data on node 1 differs from node 0's" in shown and "Traceback" not in shown
+    assert not (tmp_path / "node0" / "lora").exists()
+
+
 def test_the_model_and_data_are_read_only_inside(cpu_image: str, tmp_path: Path, tiny_llama: Path) -> None:
     spec = ContainerSpec(
         cpu_image,

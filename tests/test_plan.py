@@ -913,3 +913,18 @@ def test_cpu_checkpointing_is_decided_by_one_pass_not_the_whole_micro_batch() ->
     tight = make_plan(SMOL, (), host=HostFacts(cpu_memory_bytes=3 * GiB, cpu_bf16=False), use_8bit=True)
     assert tight.gradient_checkpointing and "a pass of" in tight.reasons["gradient_checkpointing"]
     assert fits(tight)
+
+
+def test_nodes_multiply_the_world_and_shard_over_every_gpu() -> None:
+    fixed = {"method": "qlora", "batch_size": 1, "gradient_accumulation_steps": 1}
+    one_node = make_plan(L70B, gpus_of(24, 8), nproc_per_node=8, **fixed)
+    two_nodes = make_plan(L70B, gpus_of(24, 8), nproc_per_node=8, nnodes=2, **fixed)
+    assert (two_nodes.world_size, two_nodes.nnodes, two_nodes.strategy) == (16, 2, "fsdp2")
+    assert "FSDP2 over 16 GPUs" in two_nodes.reasons["strategy"]
+    assert two_nodes.memory.total_bytes < one_node.memory.total_bytes  # sixteen shards, not eight
+
+
+def test_cpu_nodes_share_only_their_own_memory() -> None:
+    host = HostFacts(cpu_memory_bytes=8 * GiB)
+    alone, two_nodes = make_plan(SMOL, (), host=host), make_plan(SMOL, (), host=host, nnodes=2)
+    assert two_nodes.world_size == 2 and two_nodes.memory.budget_bytes == alone.memory.budget_bytes

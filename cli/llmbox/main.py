@@ -40,6 +40,7 @@ def data(**values: Any) -> None:
 
 
 RUNTIMES = ("auto", "docker", "local")
+NETWORK_ENV = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "NCCL_IB_DISABLE")
 
 
 def choose_runtime(asked: str) -> str:
@@ -135,7 +136,9 @@ def train(
         *to_argv(TRAIN_OPTIONS, values),
     ]
     name = docker.container_name("train", home.name)
-    spec = docker.ContainerSpec(chosen, command, mounts, gpus=gpus, name=name, model_name=home.name)
+    # the topology a cluster may give in the environment, and which network interface the collectives use
+    passed = tuple((key, value) for key, value in os.environ.items() if key in NETWORK_ENV or key.startswith("PET_"))
+    spec = docker.ContainerSpec(chosen, command, mounts, gpus=gpus, name=name, model_name=home.name, env=passed)
     sys.exit(docker.run_container(spec))
 
 

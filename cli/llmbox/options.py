@@ -164,6 +164,13 @@ TRAIN_OPTIONS: tuple[Opt, ...] = (
         type=click.FloatRange(min=0, min_open=True)),
     Opt("--nproc-per-node", "Training processes, one per GPU (default: every visible GPU, else 1); torchrun starts "
         "them. On CPU, N > 1 runs N processes with gloo.", type=click.IntRange(min=1)),
+    Opt("--nnodes", "Machines training together (torchrun's --nnodes; default $PET_NNODES, else 1); run the same "
+        "command on each, with its --node-rank.", type=click.IntRange(min=1)),
+    Opt("--node-rank", "This machine's place among them, 0 to nnodes-1 (default $PET_NODE_RANK); node 0 writes the "
+        "adapter, checkpoints and logs.", type=click.IntRange(min=0)),
+    Opt("--master-addr", "With --nnodes > 1: node 0's address, reachable from every node (default $PET_MASTER_ADDR)."),
+    Opt("--master-port", "With --nnodes > 1: a free port on node 0 for the rendezvous (default $PET_MASTER_PORT, "
+        "else 29500).", type=click.IntRange(1, 65535)),
     Opt("--strategy", "With several processes: ddp (a replica per device) or fsdp2 (shards); default: ddp when a "
         "replica fits one device.", type=click.Choice(["ddp", "fsdp2"])),
     Opt("--resume", "Continue from the newest whole checkpoint.", is_flag=True),

@@ -94,6 +94,7 @@ class TrainingPlan:
     # CPU: one LoRA dropout mask per layer input, shared by the projections reading it (train/cpu_speed.py)
     shared_lora_dropout: bool = False
     world_size: int = 1
+    nnodes: int = 1  # machines; world_size / nnodes processes on each
     reasons: Mapping[str, str] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
 
@@ -135,7 +136,7 @@ def _check_flags(flags: PlanFlags) -> None:
             raise UserError(f"{flag} must be at least 1 (got {value})")
     if flags.strategy is not None and flags.strategy not in distribution.STRATEGIES:
         raise UserError(f"unknown strategy {flags.strategy!r} (choose from {', '.join(distribution.STRATEGIES)})")
-    if flags.strategy is not None and (flags.nproc_per_node or 1) == 1:
+    if flags.strategy is not None and (flags.nproc_per_node or 1) * (flags.nnodes or 1) == 1:
         raise UserError(f"--strategy {flags.strategy} spreads training over processes: give --nproc-per-node 2 or more")
     if flags.lora_dropout is not None and not 0 <= flags.lora_dropout < 1:
         raise UserError(f"--lora-dropout must be in [0, 1) (got {flags.lora_dropout})")
@@ -172,11 +173,12 @@ def plan(
     seq = batches.choose_seq_length(model, handler, data, flags, notes)
     validation_split, n_train, n_eval = schedule.choose_validation(data, flags, notes)
 
-    world_size = flags.nproc_per_node or 1
-    if not device.on_gpu and world_size > 1 and device.budget is not None:
-        # the processes share the machine's memory
-        device = replace(device, budget=device.budget // world_size,
-                                     where=f"{device.where} shared by {world_size} processes")  # fmt: skip
+    per_node = flags.nproc_per_node or 1
+    world_size = per_node * (flags.nnodes or 1)
+    if not device.on_gpu and per_node > 1 and device.budget is not None:
+        # the processes on one machine share its memory
+        device = replace(device, budget=device.budget // per_node,
+                                     where=f"{device.where} shared by {per_node} processes")  # fmt: skip
     setup = fitting.fit_setup(model, handler, flags, rank, seq, precision, device, notes, world_size)
     if flags.lora_alpha is not None:
         alpha = flags.lora_alpha
@@ -298,6 +300,7 @@ def plan(
         memory=memory,
         strategy=setup.strategy,
         world_size=world_size,
+        nnodes=flags.nnodes or 1,
         reasons=notes.reasons,
         warnings=tuple(notes.warnings),
     )

@@ -181,4 +181,5 @@ class PlanFlags:
     precision: str | None = None
     lora_dropout: float | None = None
     nproc_per_node: int | None = None  # training processes on this machine (default: one)
+    nnodes: int | None = None  # machines, each running nproc_per_node processes (default: one)
     strategy: str | None = None  # ddp or fsdp2 with several processes (default: the planner's)

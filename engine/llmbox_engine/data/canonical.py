@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -56,3 +57,11 @@ class Example:
         """`content()` as a stable digest (the same in every process, unlike `hash`)."""
         payload = json.dumps(self.content(), ensure_ascii=False)
         return hashlib.blake2b(payload.encode(), digest_size=16).hexdigest()
+
+
+def examples_digest(examples: Sequence[Example]) -> str:
+    """The examples' contents, in order, as one digest: equal on two machines only when they read the same data."""
+    digest = hashlib.blake2b(digest_size=16)
+    for example in examples:
+        digest.update(example.content_key().encode())
+    return digest.hexdigest()

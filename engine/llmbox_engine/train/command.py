@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from llmbox.errors import UserError
 from llmbox.options import TRAIN_OPTIONS, to_argv
 from llmbox.plan import PlanFlags
+from llmbox.topology import nproc_from_environment, topology
 from llmbox_engine import host_view, lifeline
 from llmbox_engine.train import tensorboard_server
 from llmbox_engine.train.launch import PEER_LOST_EXIT, launch, under_torchrun, write_result
@@ -36,29 +37,32 @@ def run_train(model_path: Path, trust_remote_code: bool, values: dict[str, Any])
         return
     if not (model_path / "config.json").is_file():
         raise UserError(f"{model_path}: not a model folder (no config.json)")
-    if values["dry_run"]:
-        from llmbox_engine.train.recipe import LoraRecipe
-
-        LoraRecipe(recipe_options(model_path, trust_remote_code, values | {"nproc_per_node": processes(values)})).run()
-        return
     if under_torchrun():  # a worker: the agent that started it holds the lock and runs TensorBoard
         lifeline.die_with_parent()
         with peer_loss_reported():
             train(recipe_options(model_path, trust_remote_code, values))
         return
+    where = topology(values, os.environ)
+    values = values | {"nproc_per_node": processes(values), "nnodes": where.nnodes}
+    if values["dry_run"]:
+        from llmbox_engine.train.recipe import LoraRecipe
+
+        LoraRecipe(recipe_options(model_path, trust_remote_code, values)).run()
+        return
+    flags = ["--trust-remote-code"] if trust_remote_code else []
+    worker_argv = ["--model-path", str(model_path), *flags, *to_argv(TRAIN_OPTIONS, values | {"no_tensorboard": True})]
+    if not where.writes:
+        # another node's ranks: they train their share and write nothing, so no lock on a (perhaps shared) directory
+        launch(values["nproc_per_node"], worker_argv, where)
+        return
     # one training per model directory: taken before anything slow, so a second run stops at once
     with exclusive_writer(output):
-        values = values | {"nproc_per_node": processes(values)}
         server = None
         if not values["no_tensorboard"]:
             server = tensorboard_server.start(output / "logs" / "training", values["tensorboard_port"])
         try:
-            if values["nproc_per_node"] > 1:
-                flags = ["--trust-remote-code"] if trust_remote_code else []
-                worker = values | {"no_tensorboard": True}
-                launch(
-                    values["nproc_per_node"], ["--model-path", str(model_path), *flags, *to_argv(TRAIN_OPTIONS, worker)]
-                )
+            if values["nproc_per_node"] > 1 or where.multi_node:
+                launch(values["nproc_per_node"], worker_argv, where)
             else:
                 train(recipe_options(model_path, trust_remote_code, values))
         finally:
@@ -82,9 +86,10 @@ def peer_loss_reported() -> Iterator[None]:
 
 
 def processes(values: dict[str, Any]) -> int:
-    """--nproc-per-node, or one per visible GPU (one on CPU)."""
-    if values["nproc_per_node"]:
-        return int(values["nproc_per_node"])
+    """--nproc-per-node ($PET_NPROC_PER_NODE), or one per visible GPU (one on CPU)."""
+    given = values["nproc_per_node"] or nproc_from_environment(os.environ)
+    if given:
+        return int(given)
     import torch
 
     return max(1, torch.cuda.device_count())

@@ -30,7 +30,9 @@ def plan_table(plan: TrainingPlan, model_name: str) -> Table:
     cycles = f" (circular, batch x{plan.batch_growth:g} per cycle)" if plan.circular else ""
     rows: list[tuple[str, str, str]] = [
         ("device", plan.gpu_name or plan.device, plan.reasons.get("device", "")),
-        ("processes", f"{plan.world_size} ({plan.strategy})", plan.reasons.get("strategy", "")),
+        ("processes", f"{plan.world_size}"
+         + (f" = {plan.nnodes} nodes x {plan.world_size // plan.nnodes}" if plan.nnodes > 1 else "")
+         + f" ({plan.strategy})", plan.reasons.get("strategy", "")),
         ("handler", plan.handler, plan.reasons.get("handler", "")),
         ("method", plan.method + (" (4-bit)" if plan.load_in_4bit else " (8-bit)" if plan.load_in_8bit else ""),
          plan.reasons.get("method", "")),

@@ -70,6 +70,33 @@ class DistributedContext:
         """True on every process when it is true on one (a stop asked of any rank stops them all, together)."""
         return bool(self.max(int(flag)))
 
+    def gather(self, value: Any) -> list[Any]:
+        """Every process's `value` (picklable), in rank order, on every process."""
+        if not self.distributed:
+            return [value]
+        import torch.distributed as dist
+
+        values: list[Any] = [None] * self.world_size
+        dist.all_gather_object(values, value)
+        return values
+
+    def check_same_data(self, digest: str, count: int) -> None:
+        """Every process must train on the same examples (each takes its share of one global list): stop at
+        once, naming the node whose data differs, rather than train on mismatched shards."""
+        if not self.distributed:
+            return
+        node = int(os.environ.get("GROUP_RANK", "0"))  # torchrun's node rank
+        seen = self.gather((digest, count, node))
+        reference, ref_count, _ = seen[0]
+        differ = sorted({n for d, _, n in seen if d != reference})
+        if differ:
+            counts = ", ".join(sorted({f"node {n}: {c} examples" for _, c, n in seen}))
+            nodes = ", ".join(str(n) for n in differ)
+            from llmbox.errors import UserError
+
+            raise UserError(f"the training data on node {nodes} differs from node 0's ({counts}; node 0: "
+                            f"{ref_count}): give every node the same --data (same files, same contents)")  # fmt: skip
+
     def share(self, items: Sequence[Any]) -> list[Any]:
         """This process's share of a list every process built alike: every world_size-th item from its rank."""
         return list(items[self.rank :: self.world_size])

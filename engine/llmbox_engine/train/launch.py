@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from llmbox.errors import UserError
+from llmbox.topology import Topology
 
 RESULT_ENV = "LLMBOX_RESULT_FILE"  # where rank 0 writes the result of a finished run
 SHUTDOWN_SECONDS = 300  # after a signal: time to finish the step and save before torchrun kills the workers
@@ -32,8 +33,10 @@ def under_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def launch(nproc_per_node: int, worker_argv: list[str]) -> None:
-    """Run `python -m llmbox_engine train WORKER_ARGV` in `nproc_per_node` processes, until rank 0 has published."""
+def launch(nproc_per_node: int, worker_argv: list[str], where: Topology | None = None) -> None:
+    """Run `python -m llmbox_engine train WORKER_ARGV` in `nproc_per_node` processes on this node of `where`
+    (one node by default), until rank 0 has published; on the other nodes, until their processes end."""
+    where = where or Topology()
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -45,19 +48,21 @@ def launch(nproc_per_node: int, worker_argv: list[str]) -> None:
         result = Path(scratch) / "result.json"
         os.environ[RESULT_ENV] = str(result)
         args = [
-            "--standalone", "--nproc-per-node", str(nproc_per_node), "--max-restarts", "0",
+            *where.torchrun_args(), "--nproc-per-node", str(nproc_per_node), "--max-restarts", "0",
             "--monitor-interval", "0.5", "--shutdown-timeout", str(SHUTDOWN_SECONDS),
             "-m", "llmbox_engine", "train", *worker_argv,
         ]  # fmt: skip
         try:
             torchrun.main(args)
         except SignalException as exc:
+            if not where.writes:
+                raise UserError(f"stopped by {signal.Signals(exc.sigval).name} (node 0 saves the adapter)") from None
             if not result.is_file():
                 name = signal.Signals(exc.sigval).name
                 raise UserError(f"stopped by {name} before rank 0 had saved the adapter") from None
         except ChildFailedError as exc:
             raise UserError(failure_message(exc.failures)) from None
-        if not result.is_file():
+        if where.writes and not result.is_file():
             raise UserError("the training processes ended without a result from rank 0")
 
 

@@ -44,7 +44,7 @@ from llmbox.plan import PlanFlags, TrainingPlan, plan
 from llmbox.planning.terms import BNB_OPTIMIZERS
 from llmbox_engine import host_view, quantized
 from llmbox_engine.data.batching import split_to_budget, token_budget_batches
-from llmbox_engine.data.canonical import Example
+from llmbox_engine.data.canonical import Example, examples_digest
 from llmbox_engine.data.ingest import IngestResult, load_examples
 from llmbox_engine.data.render import IGNORE_INDEX, TokenizedExample, render_stats
 from llmbox_engine.data.split import split_examples
@@ -153,6 +153,7 @@ class LoraRecipe:
         )
         if self.ingest.images and not self.pipeline.multimodal:
             raise UserError(f"{self.ingest.images} records carry images: {o.model_name} is a text-only model")
+        self.dist.check_same_data(examples_digest(self.ingest.examples), len(self.ingest.examples))
         limit = o.flags.max_seq_length or min(
             self.handler.max_seq_length, max_positions(self.config) or self.handler.max_seq_length
         )
