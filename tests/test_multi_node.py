@@ -1,6 +1,7 @@
 """Two machines training together, here as two `llmbox train` commands on one host (torchrun's static rendezvous
-on 127.0.0.1, gloo): they make the same updates as one process on the same global batches, node 0 alone writes,
-and nodes given different data stop at once with an error naming the node."""
+on 127.0.0.1, gloo; node 0 placed by flags, node 1 by PET_* variables): they make the same updates as one process
+on the same global batches, node 0 alone writes, and nodes given different data stop at once with an error naming
+the node."""
 
 from __future__ import annotations
 
@@ -17,11 +18,17 @@ from train_helpers import adapter_info, qa_records
 
 
 def start_node(model: Path, rank: int, out: Path, data: Path, port: int) -> subprocess.Popen[str]:
+    """Node 0 is told its place by flags; node 1 by the PET_* variables, as the Kubeflow Trainer tells its pods."""
     command = [str(Path(sys.executable).with_name("llmbox")), "train", str(model), "--runtime", "local",
                "--data", str(data), "--output", str(out), "--no-tensorboard", "--skip-test", *EXACT, *BATCHES,
-               "--max-steps", "4", "--nnodes", "2", "--node-rank", str(rank), "--master-addr", "127.0.0.1",
-               "--master-port", str(port), "--nproc-per-node", "1"]  # fmt: skip
+               "--max-steps", "4"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    if rank == 0:
+        command += ["--nnodes", "2", "--node-rank", "0", "--master-addr", "127.0.0.1", "--master-port", str(port),
+                    "--nproc-per-node", "1"]  # fmt: skip
+    else:
+        env |= {"PET_NNODES": "2", "PET_NODE_RANK": str(rank), "PET_MASTER_ADDR": "127.0.0.1",
+                "PET_MASTER_PORT": str(port), "PET_NPROC_PER_NODE": "1"}  # fmt: skip
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 

@@ -250,6 +250,85 @@ def export(
     sys.exit(docker.run_container(spec))
 
 
+@cli.group()
+def k8s() -> None:
+    """Kubernetes manifests: a Kubeflow Trainer TrainJob to train, a Deployment and Service to serve."""
+
+
+# what a TrainJob decides itself (topology, output, TensorBoard) or a pod cannot use
+K8S_NOT_PASSED = {"output", "nnodes", "node_rank", "master_addr", "master_port", "nproc_per_node", "dry_run", "json",
+                  "tensorboard_only", "no_tensorboard", "tensorboard_port", "resume_from"}  # fmt: skip
+K8S_TRAIN_OPTIONS = tuple(opt for opt in TRAIN_OPTIONS if opt.dest not in K8S_NOT_PASSED)
+
+
+def placement_options(func: Any) -> Any:
+    for option in reversed([
+        click.option("--image", required=True, help="The engine image, pushed where the cluster pulls from."),
+        click.option("--pvc", required=True, help="A ReadWriteMany PersistentVolumeClaim holding models/MODEL/ "
+                     "(and the data), mounted at /llmbox."),
+        click.option("-n", "--namespace", help="The objects' namespace (default: kubectl's)."),
+        click.option("--name", help="The objects' name (default: from MODEL)."),
+        click.option("-o", "--file", "file", type=click.Path(dir_okay=False, path_type=Path),
+                     help="Write the manifests here instead of printing them."),
+    ]):  # fmt: skip
+        func = option(func)
+    return func
+
+
+def emit_manifests(text: str, file: Path | None) -> None:
+    if file is None:
+        click.echo(text, nl=False)
+        return
+    file.write_text(text)
+    click.echo(f"wrote {file}: kubectl apply -f {file}", err=True)
+
+
+@k8s.command("train")
+@click.argument("model")
+@click.option("--nodes", type=click.IntRange(min=1), default=1, show_default=True, help="Machines (pods) training.")
+@click.option("--gpus-per-node", type=click.IntRange(min=0), default=1, show_default=True,
+              help="GPUs per machine, one training process each (0: one CPU process).")  # fmt: skip
+@placement_options
+@with_options(K8S_TRAIN_OPTIONS)
+def k8s_train(
+    model: str, nodes: int, gpus_per_node: int, image: str, pvc: str, namespace: str | None, name: str | None,
+    file: Path | None, **values: Any,
+) -> None:  # fmt: skip
+    """Print a TrainJob that trains MODEL (models/MODEL on the volume) on --data (paths on the volume)."""
+    from llmbox import k8s as manifests
+
+    manifests.require_packages()
+    where = manifests.Placement(manifests.object_name(name or f"{model}-train"), namespace, image, pvc)
+    args = to_argv(K8S_TRAIN_OPTIONS, values | {"data": manifests.data_on_volume(values["data"])})
+    job = manifests.train_job(where, model, nodes, gpus_per_node, args)
+    text = manifests.to_yaml([job])
+    manifests.check(text)
+    emit_manifests(f"# {manifests.TRAINER_RELEASE}, runtime {manifests.TORCH_RUNTIME}\n{text}", file)
+
+
+@k8s.command("serve")
+@click.argument("model")
+@click.option("--gpus", type=click.IntRange(min=0), default=1, show_default=True, help="GPUs for the server (0: CPU).")
+@click.option("--api-key-secret", help="The Secret holding the API key under `api-key` (default: NAME-api-key).")
+@placement_options
+def k8s_serve(
+    model: str, gpus: int, api_key_secret: str | None, image: str, pvc: str, namespace: str | None,
+    name: str | None, file: Path | None,
+) -> None:  # fmt: skip
+    """Print a Deployment and Service serving MODEL (models/MODEL on the volume, read-only) with its adapter."""
+    from llmbox import k8s as manifests
+
+    manifests.require_packages()
+    where = manifests.Placement(manifests.object_name(name or f"{model}-serve"), namespace, image, pvc)
+    secret = api_key_secret or f"{where.name}-api-key"
+    text = manifests.to_yaml(manifests.serving(where, model, gpus, secret))
+    manifests.check(text)
+    scope = f" -n {namespace}" if namespace else ""
+    create = f"kubectl create secret generic {secret}{scope} --from-literal={manifests.API_KEY_ITEM}=..."
+    header = f"# the API key is read from Secret {secret} (never written here); create it once with:\n#   {create}\n"
+    emit_manifests(header + text, file)
+
+
 @cli.command()
 @click.argument("source")
 @click.option("--name", help="The model's name under $LLMBOX_HOME/models (default: from SOURCE).")
