@@ -82,7 +82,10 @@ def peer_loss_reported() -> Iterator[None]:
         rank = os.environ.get("RANK", "?")
         print(f"rank {rank}: stopped: another training process went away ({text.splitlines()[0][:160]})",
               file=sys.stderr, flush=True)  # fmt: skip
-        sys.exit(PEER_LOST_EXIT)
+        sys.stdout.flush()
+        # at once: an orderly exit runs gloo's C++ destructors with its threads still joinable, which aborts the
+        # process (SIGABRT), and the agent would then name this rank instead of the one that went away
+        os._exit(PEER_LOST_EXIT)
 
 
 def processes(values: dict[str, Any]) -> int:
