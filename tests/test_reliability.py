@@ -79,13 +79,22 @@ def test_a_killed_llmbox_serve_frees_its_port(tiny_llama: Path, tmp_path: Path) 
         assert port_free(server.port)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
-def test_llmbox_tensorboard_stops_with_llmbox(tiny_llama: Path, tmp_path: Path, data: Path, sig: int) -> None:
+def ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # what a shell does to a command it starts with `&` in a script
+
+
+@pytest.mark.parametrize(
+    ("sig", "background"), [(signal.SIGINT, False), (signal.SIGKILL, False), (signal.SIGINT, True)]
+)
+def test_llmbox_tensorboard_stops_with_llmbox(
+    tiny_llama: Path, tmp_path: Path, data: Path, sig: int, background: bool
+) -> None:
     home = copy_model_home(tiny_llama, tmp_path / "home")
     train(home / "model", home, data, max_steps=2)
     port = free_port()
     command = [LLMBOX, "tensorboard", str(home), "--runtime", "local", "--port", str(port)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                               preexec_fn=ignore_sigint if background else None)  # fmt: skip
     try:
         assert tensorboard_tags(port, expected=frozenset({"train/loss"}))
         tree = descendants(process.pid)

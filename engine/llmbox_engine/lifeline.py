@@ -24,6 +24,9 @@ def hold(grace_seconds: float = GRACE_SECONDS) -> bool:
     """Watch stdin when llmbox made it our lifeline; True if it did. Children we start do not inherit the role."""
     if os.environ.pop(LIFELINE_ENV, None) != "stdin":
         return False
+    # llmbox passes on every SIGINT it gets, even when it was started with SIGINT ignored (`llmbox ... &` from a
+    # script), and we inherited that: take SIGINT as Ctrl+C again, as the signal llmbox forwarded
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     threading.Thread(target=_watch, args=(sys.stdin.fileno(), grace_seconds), name="lifeline", daemon=True).start()
     return True
 
