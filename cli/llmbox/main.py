@@ -13,7 +13,7 @@ from llmbox import __version__
 from llmbox.console import make_console
 from llmbox.entry import run_cli
 from llmbox.errors import UserError
-from llmbox.model_home import llmbox_home, resolve_model
+from llmbox.model_home import ModelHome, llmbox_home, resolve_model
 from llmbox.options import (
     DATA_REPORT_OPTIONS,
     EXPORT_OPTIONS,
@@ -157,6 +157,13 @@ def build(cpu: bool, base_image: str | None, tag: str | None) -> None:
     click.echo(f"built {tag}")
 
 
+def chosen_adapter(home: ModelHome, adapter: Path | None, no_lora: bool) -> Path | None:
+    """--adapter PATH, else MODEL's lora/; None with --no-lora (which contradicts --adapter)."""
+    if adapter is not None and no_lora:
+        raise UserError("--adapter and --no-lora contradict each other: give one")
+    return None if no_lora else (adapter.expanduser().resolve() if adapter else home.lora)
+
+
 @cli.command()
 @click.argument("model")
 @click.option("--adapter", type=click.Path(path_type=Path), help="Serve this adapter folder (default: MODEL's lora/).")
@@ -173,9 +180,7 @@ def serve(
 ) -> None:
     """Serve MODEL behind an OpenAI-compatible API, with its trained adapter (reloaded when training publishes one)."""
     home = resolve_model(model)
-    if adapter is not None and values["no_lora"]:
-        raise UserError("--adapter and --no-lora contradict each other: give one")
-    lora = None if values["no_lora"] else (adapter.expanduser().resolve() if adapter else home.lora)
+    lora = chosen_adapter(home, adapter, values["no_lora"])
     # the key travels in the environment, not argv, where every user of the machine could read it
     api_key = values.pop("api_key") or os.environ.get("LLMBOX_API_KEY")
     flags = ["--trust-remote-code"] if trust_remote_code else []
@@ -223,10 +228,8 @@ def export(
     from llmbox.export_request import export_request
 
     home = resolve_model(model)
-    if adapter is not None and values["no_lora"]:
-        raise UserError("--adapter and --no-lora contradict each other: give one")
+    lora = chosen_adapter(home, adapter, values["no_lora"])
     request = export_request(values)
-    lora = None if values["no_lora"] else (adapter.expanduser().resolve() if adapter else home.lora)
     if lora is not None and not lora.is_dir():
         raise UserError(f"{lora}: no trained adapter there (train first, --adapter PATH, or --no-lora for the base)")
     flags = ["--trust-remote-code"] if trust_remote_code else []

@@ -9,14 +9,12 @@ from typing import Any
 import click
 import torch
 
-from llmbox.errors import UserError
 from llmbox.export_request import ExportRequest
 from llmbox.model_facts import read_config
 from llmbox_engine.atomic import staged_file
 from llmbox_engine.export import ollama
-from llmbox_engine.export.merge import Merged, load_merged, stored_dtype
+from llmbox_engine.export.merge import Merged, load_merged, read_checked_adapter, stored_dtype
 from llmbox_engine.host_view import host_path, model_name
-from llmbox_engine.serve.adapters import AdapterError, AdapterFiles, linear_shapes, read_adapter
 from llmbox_engine.train.artifacts import model_fingerprint
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
@@ -30,9 +28,11 @@ def run_export(model_path: Path, adapter_dir: Path | None, request: ExportReques
         from llmbox_engine.export.gguf_file import write_lora_gguf
 
         config = read_config(model_path)
-        files = _read_adapter_only(model_path, config, adapter_dir, trust_remote_code)
-        write_lora_gguf(files, config, request.output, request.quant, f"{name}-lora")
         notes: list[str] = []
+        files = read_checked_adapter(
+            adapter_dir, _skeleton(model_path, trust_remote_code), model_fingerprint(model_path), notes
+        )
+        write_lora_gguf(files, config, request.output, request.quant, f"{name}-lora")
     else:
         dtype = _load_dtype(request, read_config(model_path))
         merged = load_merged(model_path, adapter_dir, dtype, trust_remote_code)
@@ -62,22 +62,13 @@ def _load_dtype(request: ExportRequest, config: dict[str, Any]) -> torch.dtype:
     return torch.float32 if request.quant == "f32" else stored_dtype(config)
 
 
-def _read_adapter_only(
-    model_path: Path, config: dict[str, Any], adapter_dir: Path, trust_remote_code: bool
-) -> AdapterFiles:
-    """The adapter, checked against the base's layer shapes, which a weightless (meta) model gives."""
+def _skeleton(model_path: Path, trust_remote_code: bool) -> Any:
+    """The base model without weights (meta tensors): its layer shapes, to check an adapter against."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     hf_config = AutoConfig.from_pretrained(str(model_path), trust_remote_code=trust_remote_code)
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code)
-    try:
-        files = read_adapter(adapter_dir, linear_shapes(skeleton), model_fingerprint(model_path))
-    except AdapterError as exc:
-        raise UserError(str(exc)) from None
-    if not files.base_matches:
-        click.echo(f"note: {adapter_dir} was trained on other base weights (fingerprint differs)", err=True)
-    return files
+        return AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code)
 
 
 def _provenance(merged: Merged, request: ExportRequest) -> dict[str, Any]:

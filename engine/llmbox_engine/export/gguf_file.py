@@ -7,7 +7,6 @@ keep 8 bits (they dominate what low-bit quantization loses on small models).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,11 +25,10 @@ from llmbox_engine.export.gguf_arch import (
 )
 from llmbox_engine.export.gguf_vocab import add_vocab
 from llmbox_engine.export.merge import Merged
-from llmbox_engine.serve.adapters import AdapterFiles
+from llmbox_engine.serve.adapters import LORA_KEY, AdapterFiles
 
 F16_MAX = 65504.0
 LOW_BIT = ("q4_0", "q4_1", "q5_0", "q5_1")
-_LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
 T = TypeVar("T")
 
 
@@ -101,7 +99,7 @@ def lora_pairs(files: AdapterFiles, tied: bool) -> dict[str, tuple[torch.Tensor,
     place in a GGUF LoRA, which holds low-rank pairs on linear layers only."""
     found: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in files.state_dict.items():
-        match = _LORA_KEY.match(key)
+        match = LORA_KEY.match(key)
         if match is None:
             raise UserError(f"{files.path}: {key} is not a LoRA pair on a linear layer; a GGUF LoRA cannot hold it "
                             "(export --format gguf merges it into the model instead)")  # fmt: skip

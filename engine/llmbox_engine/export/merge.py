@@ -67,15 +67,22 @@ def load_merged(
     return merged
 
 
-def _merge_adapter(merged: Merged, adapter_dir: Path) -> AdapterFiles:
-    from peft import get_peft_model, set_peft_model_state_dict
-
+def read_checked_adapter(adapter_dir: Path, model: Any, base_fingerprint: str, notes: list[str]) -> AdapterFiles:
+    """The adapter, checked against `model`'s layers (a weightless meta model will do); a note when it was
+    trained on other base weights."""
     try:
-        files = read_adapter(adapter_dir, linear_shapes(merged.model), merged.base_fingerprint)
+        files = read_adapter(adapter_dir, linear_shapes(model), base_fingerprint)
     except AdapterError as exc:
         raise UserError(str(exc)) from None
     if not files.base_matches:
-        merged.notes.append(f"{adapter_dir} was trained on other base weights (fingerprint differs); merged anyway")
+        notes.append(f"{adapter_dir} was trained on other base weights (fingerprint differs); exported anyway")
+    return files
+
+
+def _merge_adapter(merged: Merged, adapter_dir: Path) -> AdapterFiles:
+    from peft import get_peft_model, set_peft_model_state_dict
+
+    files = read_checked_adapter(adapter_dir, merged.model, merged.base_fingerprint, merged.notes)
     plan = files.info.get("plan") or {}
     if plan.get("load_in_4bit") or plan.get("load_in_8bit"):
         merged.notes.append("the adapter was trained on quantized weights; merged into the full-precision base")

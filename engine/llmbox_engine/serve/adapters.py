@@ -28,7 +28,8 @@ log = logging.getLogger("llmbox.serve")
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")  # .bin: adapters saved by older peft
-_LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
+# a LoRA pair's weight in a peft state dict: the module it sits on, and A or B
+LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
 
 Signature = tuple[tuple[str, int, int, int], ...]
 
@@ -179,7 +180,7 @@ def check_shapes(state_dict: dict[str, torch.Tensor], linear_shapes: dict[str, t
     """Every LoRA pair must sit on a linear layer of this model, with A [r, in] and B [out, r]."""
     pairs: dict[str, dict[str, tuple[int, ...]]] = {}
     for key, tensor in state_dict.items():
-        match = _LORA_KEY.match(key)
+        match = LORA_KEY.match(key)
         if match is None:
             continue
         module, which = match["module"], match["which"]
