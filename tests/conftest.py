@@ -103,6 +103,21 @@ def smollm2_dir() -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def facts_home(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model directory (model/ and lora/) whose SmolLM2 adapter learned a dozen facts (training loss near 0.001).
+
+    Shared: a test that trains or publishes again works on a copy."""
+    from test_e2e_quantized import train_facts
+
+    home = tmp_path_factory.mktemp("facts") / "smollm2"
+    home.mkdir()
+    (home / "model").symlink_to(smollm2_dir, target_is_directory=True)
+    train_facts(smollm2_dir, home, "--epochs", "16", "--force-epochs", "--validation-split", "0",
+                "--learning-rate", "4e-3", "--batch-size", "12", "--gradient-accumulation-steps", "1")  # fmt: skip
+    return home
+
+
 def free_port() -> int:
     import socket
 

@@ -145,7 +145,12 @@ class Server:
 
 @contextmanager
 def running_server(
-    args: list[str], log: Path, api_key: str | None = None, host_cli: bool = False, env: dict[str, str] | None = None
+    args: list[str],
+    log: Path,
+    api_key: str | None = None,
+    host_cli: bool = False,
+    env: dict[str, str] | None = None,
+    ready_timeout: float = 120,
 ) -> Iterator[Server]:
     """`python -m llmbox_engine serve ARGS` (or `llmbox serve ARGS`) on a free port, stopped with SIGTERM."""
     port = free_port()
@@ -168,7 +173,7 @@ def running_server(
         )
     server = Server(port, log, process, api_key)
     try:
-        server.wait_until_ready()
+        server.wait_until_ready(ready_timeout)
         yield server
     finally:
         process.send_signal(signal.SIGTERM)

@@ -12,21 +12,10 @@ import torch
 
 from llama_cpp_reader import llama_cpp_complete
 from serve_helpers import chat, running_server
-from test_e2e_quantized import QUESTIONS, missed, train_facts
+from test_e2e_quantized import QUESTIONS, missed
 from test_e2e_smollm2 import greedy_answers
 
 from conftest import run_llmbox
-
-
-@pytest.fixture(scope="module")
-def facts_home(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A model directory (model/ and lora/) whose adapter learned the facts to a training loss near 0.001."""
-    home = tmp_path_factory.mktemp("export-e2e") / "smollm2"
-    home.mkdir()
-    (home / "model").symlink_to(smollm2_dir, target_is_directory=True)
-    train_facts(smollm2_dir, home, "--epochs", "16", "--force-epochs", "--validation-split", "0",
-                "--learning-rate", "4e-3", "--batch-size", "12", "--gradient-accumulation-steps", "1")  # fmt: skip
-    return home
 
 
 @pytest.fixture(scope="module")

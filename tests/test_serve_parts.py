@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from llmbox_engine.serve.adapters import AdapterError, check_shapes, read_adapter
+from llmbox_engine.serve.adapters import check_shapes, read_adapter
 from llmbox_engine.serve.errors import ApiError
 from llmbox_engine.serve.generation import (
     Admitted,
@@ -31,6 +31,7 @@ from llmbox_engine.serve.prompts import PromptBuilder
 from llmbox_engine.serve.sampling import SamplingParams
 from llmbox_engine.serve.schemas import ChatRequest, CompletionRequest, parse
 from llmbox_engine.serve.text import TextTracker
+from llmbox_engine.serve.watch import AdapterError
 from serve_helpers import QUESTION, Adapter, copy_adapter, trained_adapter
 
 
@@ -313,8 +314,8 @@ def host_serve(monkeypatch: pytest.MonkeyPatch, runtime: str, *args: str) -> dic
 
     seen: dict[str, Any] = {}
 
-    def engine(command: str, argv: list[str]) -> int:
-        seen.update(command=command, argv=argv, key=os.environ.get("LLMBOX_API_KEY"))
+    def engine(command: str, argv: list[str], needs: tuple[str, ...] = ()) -> int:
+        seen.update(command=command, argv=argv, key=os.environ.get("LLMBOX_API_KEY"), needs=needs)
         return 0
 
     def container(spec: docker.ContainerSpec) -> int:
@@ -326,7 +327,8 @@ def host_serve(monkeypatch: pytest.MonkeyPatch, runtime: str, *args: str) -> dic
     monkeypatch.delenv("LLMBOX_API_KEY")
     monkeypatch.setattr(main, "choose_runtime", lambda asked: runtime)
     monkeypatch.setattr(main, "run_engine", engine)
-    monkeypatch.setattr(main, "engine_image", lambda image, gpus: ("llmbox/engine:cpu", None))
+    monkeypatch.setattr(main, "engine_image", lambda image, gpus, vllm: (docker.image_tag(cuda=False, vllm=vllm), None))
+    monkeypatch.setattr(main, "_has_gpus", lambda: False)
     monkeypatch.setattr(docker, "run_container", container)
     result = CliRunner().invoke(main.cli, ["serve", *args])
     assert result.exit_code == 0, result.output
@@ -352,3 +354,18 @@ def test_the_host_command_hands_the_engine_its_arguments(monkeypatch: pytest.Mon
     assert spec.command[spec.command.index("--adapter-dir") + 1] == "/adapters/lora"
     assert "sekrit" not in spec.command and ("LLMBOX_API_KEY", "sekrit") in spec.secrets
     assert "sekrit" not in " ".join(spec.run_args(1000, 1000))  # not even in the docker client's argv
+    assert spec.image == "llmbox/engine:cpu" and spec.command[spec.command.index("--engine") + 1] == "llmbox"
+
+
+def test_the_engine_option_chooses_the_image_and_what_the_local_engine_needs(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    home = tmp_path / "mymodel"
+    (home / "model").mkdir(parents=True)
+    (home / "model" / "config.json").write_text("{}")
+    spec = host_serve(monkeypatch, "docker", str(home), "--engine", "vllm", "--max-lora-rank", "16")["spec"]
+    assert spec.image == "llmbox/vllm:cpu" and spec.command[spec.command.index("--engine") + 1] == "vllm"
+    assert spec.command[spec.command.index("--max-lora-rank") + 1] == "16"
+    local = host_serve(monkeypatch, "local", str(home), "--engine", "vllm")
+    assert local["needs"] == ("llmbox_engine",)  # vLLM may live in a Python of its own: torch is not needed here
+    assert "torch" in host_serve(monkeypatch, "local", str(home))["needs"]

@@ -23,7 +23,7 @@ from llmbox.options import (
     to_argv,
     with_options,
 )
-from llmbox.runtime.local import run_engine
+from llmbox.runtime.local import ENGINE_PACKAGES, run_engine
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -74,14 +74,12 @@ def engine_options(func: Any) -> Any:
     return func
 
 
-def engine_image(image: str | None, gpus: str | None) -> tuple[str, str | None]:
+def engine_image(image: str | None, gpus: str | None, vllm: bool = False) -> tuple[str, str | None]:
     """The image to run and the GPUs to give it; the image is built on first use."""
-    from llmbox.facts import read_gpu_facts
     from llmbox.runtime import docker
 
-    has_gpus = bool(read_gpu_facts())
-    gpus = gpus or ("all" if has_gpus else None)
-    chosen = image or (docker.CUDA_IMAGE if gpus else docker.CPU_IMAGE)
+    gpus = gpus or ("all" if _has_gpus() else None)
+    chosen = image or docker.image_tag(cuda=gpus is not None, vllm=vllm)
     if gpus:
         from llmbox.doctor import NVIDIA_RUNTIME_FIX, docker_info, nvidia_runtime
 
@@ -90,7 +88,7 @@ def engine_image(image: str | None, gpus: str | None) -> tuple[str, str | None]:
             raise UserError(f"GPUs were asked for, but Docker has no NVIDIA runtime: {NVIDIA_RUNTIME_FIX}")
     if not docker.image_exists(chosen):
         click.echo(f"{chosen} is not built yet: building it now (once)", err=True)
-        if docker.build_image(chosen, cpu=gpus is None, base_image=None, version=__version__):
+        if docker.build_image(chosen, cpu=gpus is None, base_image=None, version=__version__, vllm=vllm):
             raise UserError(f"building {chosen} failed (see above); `llmbox build` retries it")
     return chosen, gpus
 
@@ -145,13 +143,16 @@ def train(
 @cli.command()
 @click.option("--cpu", is_flag=True, help="The CPU variant (no CUDA; bitsandbytes on CPU): for machines without a GPU.")
 @click.option("--base-image", help="Build on this image instead of the default CUDA (or Debian, with --cpu) base.")
-@click.option("--tag", help="Image tag (default: llmbox/engine:cuda, or llmbox/engine:cpu with --cpu).")
-def build(cpu: bool, base_image: str | None, tag: str | None) -> None:
+@click.option(
+    "--vllm", is_flag=True, help="The vLLM serving image (`llmbox serve --engine vllm`) instead of the engine's."
+)
+@click.option("--tag", help="Image tag (default: llmbox/engine:cuda, :cpu with --cpu; llmbox/vllm:... with --vllm).")
+def build(cpu: bool, vllm: bool, base_image: str | None, tag: str | None) -> None:
     """Build the engine image that `train` and `serve` run in (they build it on first use too)."""
     from llmbox.runtime import docker
 
-    tag = tag or (docker.CPU_IMAGE if cpu else docker.CUDA_IMAGE)
-    code = docker.build_image(tag, cpu=cpu, base_image=base_image, version=__version__)
+    tag = tag or docker.image_tag(cuda=not cpu, vllm=vllm)
+    code = docker.build_image(tag, cpu=cpu, base_image=base_image, version=__version__, vllm=vllm)
     if code:
         raise UserError(f"building {tag} failed (see the build log above)")
     click.echo(f"built {tag}")
@@ -179,20 +180,30 @@ def serve(
     **values: Any,
 ) -> None:
     """Serve MODEL behind an OpenAI-compatible API, with its trained adapter (reloaded when training publishes one)."""
+    from llmbox.serve_engine import check_engine_options, choose_serve_engine
+
     home = resolve_model(model)
     lora = chosen_adapter(home, adapter, values["no_lora"])
     # the key travels in the environment, not argv, where every user of the machine could read it
     api_key = values.pop("api_key") or os.environ.get("LLMBOX_API_KEY")
     flags = ["--trust-remote-code"] if trust_remote_code else []
-    options = to_argv(SERVE_OPTIONS, values)
-    if choose_runtime(runtime) == "local":
+    if choose_runtime(runtime) == "local":  # the engine chooses its server: it knows where vLLM is
         if api_key:
             os.environ["LLMBOX_API_KEY"] = api_key
         adapter_dir = ["--adapter-dir", str(lora)] if lora else []
-        sys.exit(run_engine("serve", ["--model-path", str(home.weights), *flags, *adapter_dir, *options]))
+        argv = ["--model-path", str(home.weights), *flags, *adapter_dir, *to_argv(SERVE_OPTIONS, values)]
+        sys.exit(run_engine("serve", argv, needs=("llmbox_engine",) if values["engine"] == "vllm" else ENGINE_PACKAGES))
     from llmbox.runtime import docker
 
-    chosen, gpus = engine_image(image, gpus)
+    if values["engine"] != "llmbox":  # the image decides the engine, so the host does: vLLM's image has vLLM
+        has_gpus = gpus is not None or _has_gpus()
+        engine, why = choose_serve_engine(
+            values["engine"], vllm_installed=True, gpus=has_gpus, images=bool(values["image_dir"])
+        )
+        check_engine_options(engine, values)
+        values["engine"] = engine
+        click.echo(f"engine: {engine} ({why})", err=True)
+    chosen, gpus = engine_image(image, gpus, vllm=values["engine"] == "vllm")
     mounts = [docker.Mount(home.weights, "/model")]
     if values["image_dir"]:  # resolved and checked by click; read-only at the same path, as clients name files
         mounts.append(docker.Mount(Path(values["image_dir"]), values["image_dir"]))
@@ -203,11 +214,18 @@ def serve(
         # the adapter's parent, not the adapter: training replaces lora/ by a rename, which a mount of it would miss
         mounts.append(docker.Mount(lora.parent, "/adapters"))
         adapter_dir = ["--adapter-dir", f"/adapters/{lora.name}"]
+    options = to_argv(SERVE_OPTIONS, values)
     command = ["python", "-m", "llmbox_engine", "serve", "--model-path", "/model", *flags, *adapter_dir, *options]
     secrets = (("LLMBOX_API_KEY", api_key),) if api_key else ()
     name = docker.container_name("serve", home.name)
     spec = docker.ContainerSpec(chosen, command, mounts, gpus=gpus, name=name, model_name=home.name, secrets=secrets)
     sys.exit(docker.run_container(spec))
+
+
+def _has_gpus() -> bool:
+    from llmbox.facts import read_gpu_facts
+
+    return bool(read_gpu_facts())
 
 
 @cli.command()

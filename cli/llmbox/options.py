@@ -192,9 +192,12 @@ SERVE_OPTIONS: tuple[Opt, ...] = (
     Opt("--port", "Port to listen on.", type=click.IntRange(1, 65535), default=8000),
     Opt("--no-lora", "Serve the base model alone, even where a trained adapter is.", is_flag=True),
     Opt("--api-key", "Require `Authorization: Bearer KEY` on every endpoint but /health (default: $LLMBOX_API_KEY)."),
-    Opt("--max-concurrency", "Requests queued or running at once; more are answered 429.",
-        type=click.IntRange(min=1), default=64),
-    Opt("--max-batch-size", "Sequences generated together in one batch.", type=click.IntRange(min=1), default=16),
+    Opt("--engine", "The server: llmbox's own, or vLLM (its OpenAI server: for GPUs and real traffic); auto is vLLM "
+        "where there is a GPU and vLLM is installed.", type=click.Choice(["auto", "llmbox", "vllm"]), default="auto"),
+    Opt("--max-concurrency", "llmbox engine: requests queued or running at once (default 64); more are answered 429.",
+        type=click.IntRange(min=1)),
+    Opt("--max-batch-size", "Sequences generated together in one batch (default 16 on llmbox's engine, vLLM's "
+        "own --max-num-seqs on vLLM).", type=click.IntRange(min=1)),
     Opt("--dtype", "Weight precision: auto is bfloat16 (float16 without bf16) on a GPU, float32 on CPU.",
         type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto"),
     Opt("--base-weights", "How the base is held: auto = as the adapter was trained (4-bit for a QLoRA adapter, "
@@ -205,6 +208,13 @@ SERVE_OPTIONS: tuple[Opt, ...] = (
     Opt("--image-dir", "Vision models: chat requests may name image files (a path or file:// URL) inside this "
         "folder; without it only data: URLs are taken, and http(s) URLs never.",
         type=click.Path(exists=True, file_okay=False, resolve_path=True)),
+    Opt("--max-lora-rank", "vLLM: the largest adapter rank it makes room for (1, 8, 16, 32, 64, 128, 256, 320 or 512; "
+        "default: the adapter's rank rounded up, 64 without an adapter yet).", type=click.IntRange(min=1)),
+    Opt("--tensor-parallel-size", "vLLM: split the model over this many GPUs (default: vLLM's, 1).",
+        type=click.IntRange(min=1)),
+    Opt("--max-model-len", "vLLM: the longest prompt + answer in tokens (default: the model's context).",
+        type=click.IntRange(min=16)),
+    Opt("--vllm-args", "vLLM: more of its own flags, as one quoted string (e.g. \"--gpu-memory-utilization 0.8\")."),
 )  # fmt: skip
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -104,21 +105,43 @@ def tensorboard(logdir: Path, host: str, port: int) -> None:
 @with_options(SERVE_OPTIONS)
 def serve(model_path: Path, adapter_dir: Path | None, trust_remote_code: bool, **values: Any) -> None:
     """Serve MODEL_PATH, and its trained adapter, behind an OpenAI-compatible API (what `llmbox serve` runs)."""
+    from llmbox.serve_engine import check_engine_options, choose_serve_engine
     from llmbox_engine.host_view import model_directory
-    from llmbox_engine.serve.server import ServeConfig, run_server
 
     if values["no_lora"] and adapter_dir is not None:
         raise UserError("--no-lora and --adapter-dir contradict each other: give one")
     home = model_directory(model_path)  # where training writes lora/
+    adapter = None if values["no_lora"] else (adapter_dir or home / "lora")
+    api_key = values["api_key"] or os.environ.get("LLMBOX_API_KEY") or None
+    vllm_python, gpus = _vllm_python(), _has_gpu()
+    engine, why = choose_serve_engine(
+        values["engine"], vllm_installed=vllm_python is not None, gpus=gpus, images=bool(values["image_dir"])
+    )
+    check_engine_options(engine, values)
+    print(f"engine: {engine} ({why})", flush=True)
+    if engine == "vllm":
+        from llmbox_engine.serve_vllm.command import parse_extra_args
+        from llmbox_engine.serve_vllm.supervisor import VllmConfig, run_vllm
+
+        assert vllm_python is not None  # choose_serve_engine refuses vllm without it
+        sys.exit(run_vllm(VllmConfig(
+            model_path=model_path, adapter_dir=adapter, python=vllm_python, host=values["host"], port=values["port"],
+            api_key=api_key, dtype=values["dtype"], max_num_seqs=values["max_batch_size"],
+            max_lora_rank=values["max_lora_rank"], tensor_parallel_size=values["tensor_parallel_size"],
+            max_model_len=values["max_model_len"], trust_remote_code=trust_remote_code,
+            extra_args=parse_extra_args(values["vllm_args"]), cpu=not gpus,
+        )))  # fmt: skip
+    from llmbox_engine.serve.server import ServeConfig, run_server
+
     run_server(
         ServeConfig(
             model_path=model_path,
-            adapter_dir=None if values["no_lora"] else (adapter_dir or home / "lora"),
+            adapter_dir=adapter,
             host=values["host"],
             port=values["port"],
-            api_key=values["api_key"] or os.environ.get("LLMBOX_API_KEY") or None,
-            max_concurrency=values["max_concurrency"],
-            max_batch_size=values["max_batch_size"],
+            api_key=api_key,
+            max_concurrency=values["max_concurrency"] or ServeConfig.max_concurrency,
+            max_batch_size=values["max_batch_size"] or ServeConfig.max_batch_size,
             dtype=values["dtype"],
             base_weights=values["base_weights"],
             threads=values["threads"],
@@ -126,6 +149,26 @@ def serve(model_path: Path, adapter_dir: Path | None, trust_remote_code: bool, *
             image_dir=Path(values["image_dir"]) if values["image_dir"] else None,
         )
     )
+
+
+def _vllm_python() -> str | None:
+    """The Python that runs vLLM: $LLMBOX_VLLM_PYTHON (vLLM in a virtualenv of its own), else this one if it has it."""
+    import importlib.util
+    import shutil
+
+    given = os.environ.get("LLMBOX_VLLM_PYTHON", "").strip()
+    if given:
+        found = shutil.which(given)
+        if found is None:
+            raise UserError(f"LLMBOX_VLLM_PYTHON={given}: no such program")
+        return found
+    return sys.executable if importlib.util.find_spec("vllm") is not None else None
+
+
+def _has_gpu() -> bool:
+    from llmbox.facts import read_gpu_facts
+
+    return bool(read_gpu_facts())
 
 
 @engine.command()

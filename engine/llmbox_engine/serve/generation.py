@@ -30,10 +30,11 @@ from typing import Any
 import torch
 
 from llmbox_engine.serve import kv
-from llmbox_engine.serve.adapters import AdapterError, AdapterFiles
+from llmbox_engine.serve.adapters import AdapterFiles
 from llmbox_engine.serve.loading import LoadedModel
 from llmbox_engine.serve.sampling import SamplingParams, make_generator, next_tokens
 from llmbox_engine.serve.text import TextTracker
+from llmbox_engine.serve.watch import AdapterError
 
 log = logging.getLogger("llmbox.serve")
 

@@ -16,12 +16,13 @@ from pathlib import Path
 
 from llmbox.errors import UserError
 from llmbox_engine.host_view import host_path, model_name
-from llmbox_engine.serve.adapters import AdapterError, AdapterFiles, AdapterWatcher, read_adapter, signature
+from llmbox_engine.serve.adapters import AdapterFiles, read_adapter
 from llmbox_engine.serve.app import MAX_BODY_BYTES, create_app
 from llmbox_engine.serve.generation import AdapterMeta, GenerationWorker
 from llmbox_engine.serve.images import ImagePolicy
 from llmbox_engine.serve.loading import LoadedModel, base_weights_for, load_model
 from llmbox_engine.serve.service import Service
+from llmbox_engine.serve.watch import AdapterError, AdapterWatcher, signature
 
 log = logging.getLogger("llmbox.serve")
 
@@ -89,7 +90,7 @@ class _Loader(threading.Thread):
         self.server = server
         self.failure: BaseException | None = None
         self.worker: GenerationWorker | None = None
-        self.watcher: AdapterWatcher | None = None
+        self.watcher: AdapterWatcher[AdapterFiles] | None = None
 
     def run(self) -> None:
         try:
@@ -129,7 +130,9 @@ class _Loader(threading.Thread):
         ids = ", ".join(self.service.model_ids())
         say(f"ready: {ids}  (max {c.max_concurrency} requests at once, batches of up to {c.max_batch_size})")
 
-    def _first_adapter(self, loaded: LoadedModel, worker: GenerationWorker, folder: Path) -> AdapterWatcher:
+    def _first_adapter(
+        self, loaded: LoadedModel, worker: GenerationWorker, folder: Path
+    ) -> AdapterWatcher[AdapterFiles]:
         read = partial(read_adapter, linear_shapes=loaded.linear_shapes, base_fingerprint=loaded.fingerprint)
         seen = signature(folder)
         if seen is None:
