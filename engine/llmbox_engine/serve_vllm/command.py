@@ -15,6 +15,8 @@ from llmbox.errors import UserError
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 # GiB of KV cache on CPUs unless VLLM_CPU_KVCACHE_SPACE says otherwise: 2 GiB hold 40k tokens of a 0.5B model
 CPU_KV_CACHE_GIB = 2
+# on SIGTERM, requests in flight get this long to finish (vLLM's default, 0, aborts them at once)
+SHUTDOWN_SECONDS = 5
 # running requests keep the adapter they started on while a new one serves new requests: two LoRA slots
 LORA_SLOTS = 2
 # flags llmbox sets itself: given again through --vllm-args they would fight ours (or, for the key, leak)
@@ -57,7 +59,8 @@ def parse_extra_args(text: str | None) -> tuple[str, ...]:
 def vllm_argv(launch: VllmLaunch) -> list[str]:
     argv = [launch.python, "-m", SERVER_MODULE, "--model", str(launch.model_path),
             "--served-model-name", launch.served_name, "--host", launch.host, "--port", str(launch.port),
-            "--dtype", launch.dtype, "--disable-uvicorn-access-log"]  # fmt: skip
+            "--dtype", launch.dtype, "--disable-uvicorn-access-log",
+            "--shutdown-timeout", str(SHUTDOWN_SECONDS)]  # fmt: skip
     if launch.max_num_seqs is not None:
         argv += ["--max-num-seqs", str(launch.max_num_seqs)]
     if launch.tensor_parallel_size is not None:
