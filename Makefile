@@ -85,8 +85,8 @@ bench-gpu:
 	$(GPU_VENV)/bin/python benchmarks/memory.py --device cuda
 
 .PHONY: bench-serve bench-container
-bench-serve: $(VENV)/.bench-installed
-	$(PY) benchmarks/serve_throughput.py $(BENCH_ARGS)
+bench-serve: $(VENV)/.bench-installed venv-vllm
+	LLMBOX_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(PY) benchmarks/serve_throughput.py $(BENCH_ARGS)
 
 # time to learn a dozen facts: `llmbox train --circular` against a plain peft loop (whole commands, recall checked)
 .PHONY: bench-learn

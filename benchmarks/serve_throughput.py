@@ -1,15 +1,17 @@
-"""Serving throughput: `llmbox serve` against plain transformers `generate`, at 1 and 8 concurrent clients.
+"""Serving throughput: `llmbox serve` on its own engine and on vLLM, against plain transformers `generate`, at 1, 8
+and 32 concurrent clients.
 
-    python benchmarks/serve_throughput.py [MODEL_DIR] [--max-tokens 64] [--clients 8] [--requests 1]
+    python benchmarks/serve_throughput.py [MODEL_DIR] [--max-tokens 64] [--clients 1,8,32] [--engines llmbox,vllm]
 
-MODEL_DIR defaults to the test suite's SmolLM2-135M-Instruct. The server runs as a subprocess (`python -m
-llmbox_engine serve --no-lora`), driven by the openai client with streaming on, so time to first token is what a
-client sees: one client sends SOLO_REQUESTS requests one after another, then each of --clients clients sends
---requests at once. The baseline is what a server without batching would do with the same requests: `generate` one
-request after another (at 8 clients, a request waits for those before it), and, for reference, one static
-batch of 8 through `generate`. Everything is greedy and capped at --max-tokens; tokens are counted as generated
-(an answer that ends its turn early counts its real length). Results go to benchmarks/results/serve.json,
-with the load average around the run: other work on the machine skews every number.
+MODEL_DIR defaults to the test suite's SmolLM2-135M-Instruct. Each server runs as a subprocess (`python -m
+llmbox_engine serve --engine E --no-lora --dtype float32`; vLLM from $LLMBOX_VLLM_PYTHON, default .venv-vllm),
+driven by the openai client with streaming on, so time to first token is what a client sees: at 1 client,
+SOLO_REQUESTS requests one after another, at N clients one request each, all at once. The baseline is what a server
+without batching would do with the same requests: `generate` one request after another (a request waits for those
+before it), and, for reference, one static batch of 8 through `generate`. Everything is greedy, fp32 and capped at
+--max-tokens; tokens are counted as generated (an answer that ends its turn early counts its real length). Results
+go to benchmarks/results/serve.json, with the load average around the run: other work on the machine skews every
+number.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from common import (
+    REPO,
     RESULTS,
     machine_info,
     markdown_table,
@@ -85,16 +88,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(model: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
-    args = ["serve", "--model-path", str(model), "--no-lora", "--port", str(port), "--max-batch-size", "8"]
+def start_server(model: Path, engine: str, dtype: str, port: int, log: Path) -> subprocess.Popen[bytes]:
+    args = ["serve", "--model-path", str(model), "--no-lora", "--port", str(port), "--engine", engine,
+            "--dtype", dtype, "--max-batch-size", "32"]  # fmt: skip
+    env = dict(os.environ)
+    env.setdefault("LLMBOX_VLLM_PYTHON", str(REPO / ".venv-vllm" / "bin" / "python"))
     with log.open("wb") as sink:
         process = subprocess.Popen(
-            [sys.executable, "-m", "llmbox_engine", *args], stdout=sink, stderr=sink, preexec_fn=die_with_parent
-        )
-    deadline = time.monotonic() + 300
+            [sys.executable, "-m", "llmbox_engine", *args], stdout=sink, stderr=sink, env=env,
+            preexec_fn=die_with_parent,
+        )  # fmt: skip
+    deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise SystemExit(f"the server exited: see {log}")
+            raise SystemExit(f"the {engine} server exited: see {log}")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
                 if response.status == 200:
@@ -102,7 +109,7 @@ def start_server(model: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
         except OSError:
             time.sleep(0.3)
     process.kill()
-    raise SystemExit(f"the server did not become ready: see {log}")
+    raise SystemExit(f"the {engine} server did not become ready: see {log}")
 
 
 def one_streamed_request(client: Any, model: str, prompt: str, max_tokens: int) -> dict[str, float]:
@@ -125,23 +132,25 @@ def one_streamed_request(client: Any, model: str, prompt: str, max_tokens: int) 
     return {"ttft": (first or time.perf_counter()) - started, "tokens": tokens}
 
 
-def bench_server(model: Path, clients: int, requests: int, max_tokens: int, log: Path) -> dict[str, Any]:
+def requests_at(clients: int) -> int:
+    return SOLO_REQUESTS if clients == 1 else 1
+
+
+def bench_server(model: Path, engine: str, dtype: str, counts: list[int], max_tokens: int, log: Path) -> dict[str, Any]:
     from openai import OpenAI
 
     port = free_port()
-    process = start_server(model, port, log)
+    process = start_server(model, engine, dtype, port, log)
     try:
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
         model_id = client.models.list().data[0].id
         one_streamed_request(client, model_id, PROMPTS[0], 8)  # warm-up
         results: dict[str, Any] = {}
-        for count, each in ((1, SOLO_REQUESTS), (clients, requests)):
+        for count in counts:
             records: list[dict[str, float]] = []
 
-            def client_loop(
-                index: int, count: int = count, each: int = each, records: list[dict[str, float]] = records
-            ) -> None:
-                for r in range(each):
+            def client_loop(index: int, count: int = count, records: list[dict[str, float]] = records) -> None:
+                for r in range(requests_at(count)):
                     prompt = PROMPTS[(index + r * count) % len(PROMPTS)]
                     records.append(one_streamed_request(client, model_id, prompt, max_tokens))
 
@@ -152,11 +161,11 @@ def bench_server(model: Path, clients: int, requests: int, max_tokens: int, log:
             for t in threads:
                 t.join()
             results[f"{count}_clients"] = summarize(records, time.perf_counter() - started)
-            print(f"llmbox serve, {count} client(s): {results[f'{count}_clients']}", flush=True)
+            print(f"llmbox serve --engine {engine}, {count} client(s): {results[f'{count}_clients']}", flush=True)
         return results
     finally:
         process.terminate()
-        process.wait(timeout=30)
+        process.wait(timeout=60)
 
 
 # ---- plain transformers ------------------------------------------------------------------------------------
@@ -178,7 +187,7 @@ class FirstTokenClock:
         pass
 
 
-def bench_transformers(model_dir: Path, clients: int, requests: int, max_tokens: int) -> dict[str, Any]:
+def bench_transformers(model_dir: Path, counts: list[int], batch: int, max_tokens: int) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -193,23 +202,24 @@ def bench_transformers(model_dir: Path, clients: int, requests: int, max_tokens:
             tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
             for p in prompts
         ]
-        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         clock = FirstTokenClock()
         started = time.perf_counter()
         with torch.inference_mode():
             out = model.generate(
-                **batch, max_new_tokens=max_tokens, do_sample=False, pad_token_id=eos, eos_token_id=eos, streamer=clock
-            )
-        rows = out[:, batch["input_ids"].shape[1] :].tolist()
+                **encoded, max_new_tokens=max_tokens, do_sample=False, pad_token_id=eos, eos_token_id=eos,
+                streamer=clock,
+            )  # fmt: skip
+        rows = out[:, encoded["input_ids"].shape[1] :].tolist()
         return (clock.first or time.perf_counter()) - started, [r.index(eos) + 1 if eos in r else len(r) for r in rows]
 
     generate(PROMPTS[:1])  # warm-up
     results: dict[str, Any] = {}
-    for count, each in ((1, SOLO_REQUESTS), (clients, requests)):
+    for count in counts:
         # `count` clients' requests arrive together and are answered one after another, each after those before it
         records: list[dict[str, float]] = []
         started = time.perf_counter()
-        for r in range(each):
+        for r in range(requests_at(count)):
             arrived = time.perf_counter()
             for i in range(count):
                 waited = time.perf_counter() - arrived
@@ -219,41 +229,47 @@ def bench_transformers(model_dir: Path, clients: int, requests: int, max_tokens:
         print(f"transformers generate, {count} client(s), one at a time: {results[f'{count}_clients_sequential']}")
     records = []
     started = time.perf_counter()
-    for r in range(requests):
-        ttft, tokens = generate([PROMPTS[(i + r * clients) % len(PROMPTS)] for i in range(clients)])
-        records += [{"ttft": ttft, "tokens": t} for t in tokens]
-    results[f"{clients}_clients_static_batch"] = summarize(records, time.perf_counter() - started)
-    print(f"transformers generate, {clients} prompts as one batch: {results[f'{clients}_clients_static_batch']}")
+    ttft, tokens = generate([PROMPTS[i % len(PROMPTS)] for i in range(batch)])
+    records += [{"ttft": ttft, "tokens": t} for t in tokens]
+    results[f"{batch}_clients_static_batch"] = summarize(records, time.perf_counter() - started)
+    print(f"transformers generate, {batch} prompts as one batch: {results[f'{batch}_clients_static_batch']}")
     return results
+
+
+STATIC_BATCH = 8
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", nargs="?", type=Path, help="An HF model folder (default: the tests' SmolLM2).")
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--requests", type=int, default=1, help="Requests per client, one after another.")
-    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--clients", default="1,8,32", help="Concurrent clients to measure, comma-separated.")
+    parser.add_argument("--engines", default="llmbox,vllm", help="The servers to measure: llmbox, vllm or both.")
+    parser.add_argument("--dtype", default="float32", help="The servers' weights (bfloat16 on a GPU).")
     parser.add_argument("--output", type=Path, default=RESULTS / "serve.json")
     args = parser.parse_args()
     model = args.model or smollm2_dir()
+    counts = sorted({int(c) for c in args.clients.split(",")})
     load_before = os.getloadavg()
-    log = Path(tempfile.gettempdir()) / "llmbox-serve-throughput.log"  # the server's output, for when it fails
-    served = bench_server(model, args.clients, args.requests, args.max_tokens, log)
-    baseline = bench_transformers(model, args.clients, args.requests, args.max_tokens)
-    speedup = (
-        served[f"{args.clients}_clients"]["tokens_per_s"]
-        / baseline[f"{args.clients}_clients_sequential"]["tokens_per_s"]
-    )
+    servers = {}
+    for engine in args.engines.split(","):
+        log = Path(tempfile.gettempdir()) / f"llmbox-serve-throughput-{engine}.log"  # for when it fails
+        servers[engine] = bench_server(model, engine, args.dtype, counts, args.max_tokens, log)
+    baseline = bench_transformers(model, counts, STATIC_BATCH, args.max_tokens)
+    most = counts[-1]
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "model": str(model),
+        "dtype": args.dtype,
         "max_tokens": args.max_tokens,
-        "clients": args.clients,
-        "requests_per_client": args.requests,
+        "clients": counts,
         "solo_requests": SOLO_REQUESTS,
-        "llmbox_serve": served,
+        "servers": servers,
         "transformers_generate": baseline,
-        f"throughput_vs_sequential_generate_at_{args.clients}_clients": round(speedup, 2),
+        f"throughput_vs_sequential_generate_at_{most}_clients": {
+            engine: ratio(figures[f"{most}_clients"], baseline[f"{most}_clients_sequential"])
+            for engine, figures in servers.items()
+        },
         "load_average_1min": {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)},
         "machine": machine_info(),
         "versions": versions(),
@@ -263,29 +279,36 @@ def main() -> None:
     print(f"wrote {args.output}")
 
 
+def ratio(served: dict[str, Any], baseline: dict[str, Any]) -> float:
+    return round(served["tokens_per_s"] / baseline["tokens_per_s"], 2)
+
+
+NAMES = {"llmbox": "`llmbox serve` (llmbox engine)", "vllm": "`llmbox serve --engine vllm` (vLLM)"}
+
+
 def readme_table(result: dict[str, Any]) -> str:
-    clients = result["clients"]
-    served, baseline = result["llmbox_serve"], result["transformers_generate"]
-    rows = [
-        ["`llmbox serve`", "1", *_cells(served["1_clients"])],
-        ["transformers `generate`, one request at a time", "1", *_cells(baseline["1_clients_sequential"])],
-        ["`llmbox serve`", str(clients), *_cells(served[f"{clients}_clients"])],
-        ["transformers `generate`, one request at a time", str(clients),
-         *_cells(baseline[f"{clients}_clients_sequential"])],
-        ["transformers `generate`, one static batch (reference)", str(clients),
-         *_cells(baseline[f"{clients}_clients_static_batch"])],
-    ]  # fmt: skip
+    counts, servers, baseline = result["clients"], result["servers"], result["transformers_generate"]
+    rows = []
+    for count in counts:
+        for engine, figures in servers.items():
+            rows.append([NAMES.get(engine, engine), str(count), *_cells(figures[f"{count}_clients"])])
+        rows.append(["transformers `generate`, one request at a time", str(count),
+                     *_cells(baseline[f"{count}_clients_sequential"])])  # fmt: skip
+    rows.append(["transformers `generate`, one static batch (reference)", str(STATIC_BATCH),
+                 *_cells(baseline[f"{STATIC_BATCH}_clients_static_batch"])])  # fmt: skip
     load = result["load_average_1min"]
+    most = counts[-1]
+    ratios = result[f"throughput_vs_sequential_generate_at_{most}_clients"]
     return "\n".join([
         f"Last run: {result.get('date', '?')}, {result['machine']['cpu']} ({result['machine']['logical_cpus']} "
-        f"CPUs), SmolLM2-135M-Instruct fp32, greedy, {result['max_tokens']} tokens per answer, streaming; load "
-        f"average {load['before']} before, {load['after']} after.",
+        f"CPUs), SmolLM2-135M-Instruct {result.get('dtype', 'float32')} on every server, greedy, "
+        f"{result['max_tokens']} tokens per answer, streaming; load average {load['before']} before, "
+        f"{load['after']} after.",
         "",
         markdown_table(["server", "clients", "tokens/s", "TTFT mean s", "TTFT max s"], rows),
         "",
-        f"At {clients} clients llmbox serves "
-        f"{result[f'throughput_vs_sequential_generate_at_{clients}_clients']:.2f}x the tokens/s of `generate` one "
-        "request after another.",
+        f"At {most} clients, tokens/s against `generate` one request after another: "
+        + ", ".join(f"{NAMES.get(e, e)} {r:.2f}x" for e, r in ratios.items()) + ".",
     ])  # fmt: skip
 
 

@@ -159,7 +159,10 @@ def running_server(
         if host_cli
         else [sys.executable, "-m", "llmbox_engine", "serve"]
     )
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    given = env or {}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **given}
+    if "LLMBOX_VLLM_PYTHON" not in given:  # `make test` sets it for the vLLM tests; the others serve on llmbox's
+        env.pop("LLMBOX_VLLM_PYTHON", None)
     env.pop("LLMBOX_API_KEY", None)
     if api_key:
         env["LLMBOX_API_KEY"] = api_key

@@ -70,7 +70,7 @@ def test_vllm_serves_the_adapter_and_takes_a_newly_trained_one_without_a_restart
         client = server.client()
         assert sorted(m.id for m in client.models.list().data) == ["smollm2", "smollm2:lora"]
         tuned = served_answers(client, "smollm2:lora")
-        assert len(missed(tuned)) <= 1, missed(tuned)  # vLLM computes in bf16 on this CPU: 11/12 at the least
+        assert not missed(tuned), missed(tuned)  # fp32 (--dtype auto on a CPU), as the adapter was tested
         assert len(missed(served_answers(client, "smollm2"))) >= 10  # the base model does not know them
         stream = client.chat.completions.create(
             model="smollm2:lora", messages=[{"role": "user", "content": QUESTIONS[1]}], temperature=0,

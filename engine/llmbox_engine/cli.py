@@ -126,7 +126,7 @@ def serve(model_path: Path, adapter_dir: Path | None, trust_remote_code: bool, *
         assert vllm_python is not None  # choose_serve_engine refuses vllm without it
         sys.exit(run_vllm(VllmConfig(
             model_path=model_path, adapter_dir=adapter, python=vllm_python, host=values["host"], port=values["port"],
-            api_key=api_key, dtype=values["dtype"], max_num_seqs=values["max_batch_size"],
+            api_key=api_key, dtype=vllm_dtype(values["dtype"], cpu=not gpus), max_num_seqs=values["max_batch_size"],
             max_lora_rank=values["max_lora_rank"], tensor_parallel_size=values["tensor_parallel_size"],
             max_model_len=values["max_model_len"], trust_remote_code=trust_remote_code,
             extra_args=parse_extra_args(values["vllm_args"]), cpu=not gpus,
@@ -149,6 +149,11 @@ def serve(model_path: Path, adapter_dir: Path | None, trust_remote_code: bool, *
             image_dir=Path(values["image_dir"]) if values["image_dir"] else None,
         )
     )
+
+
+def vllm_dtype(asked: str, cpu: bool) -> str:
+    """--dtype auto means float32 on a CPU on either engine (vLLM's own auto would take the config's bf16)."""
+    return "float32" if cpu and asked == "auto" else asked
 
 
 def _vllm_python() -> str | None:
