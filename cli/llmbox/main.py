@@ -68,10 +68,19 @@ def engine_options(func: Any) -> Any:
                      help="Run the model repository's own Python code (only if you trust it)."),
         click.option("--image", help="The engine image (default: llmbox/engine:cuda with GPUs, :cpu without)."),
         click.option("--gpus", help="GPUs to use: all (default when there are GPUs) or indices like 0,1; training runs "
-                     "one process per GPU (torchrun)."),
+                     "one process per GPU (torchrun), vLLM splits the model over them (tensor parallel)."),
     ]):  # fmt: skip
         func = option(func)
     return func
+
+
+def limit_local_gpus(gpus: str | None) -> None:
+    """What `--gpus` gives a container, for a local run: those GPUs only."""
+    if gpus and gpus != "all":
+        from llmbox.runtime.docker import gpu_args
+
+        gpu_args(gpus)  # the same check of the indices
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpus
 
 
 def engine_image(image: str | None, gpus: str | None, vllm: bool = False) -> tuple[str, str | None]:
@@ -106,11 +115,7 @@ def train(
     output = Path(values["output"]).expanduser().resolve() if values["output"] else home.root
     flags = ["--trust-remote-code"] if trust_remote_code else []
     if choose_runtime(runtime) == "local":
-        if gpus and gpus != "all":  # what `--gpus` gives a container, for a local run: those GPUs only
-            from llmbox.runtime.docker import gpu_args
-
-            gpu_args(gpus)  # the same check of the indices
-            os.environ["CUDA_VISIBLE_DEVICES"] = gpus
+        limit_local_gpus(gpus)
         argv = ["--model-path", str(home.weights), *flags, *to_argv(TRAIN_OPTIONS, values | {"output": str(output)})]
         sys.exit(run_engine("train", argv))
     from llmbox.runtime import docker
@@ -190,6 +195,7 @@ def serve(
     if choose_runtime(runtime) == "local":  # the engine chooses its server: it knows where vLLM is
         if api_key:
             os.environ["LLMBOX_API_KEY"] = api_key
+        limit_local_gpus(gpus)
         adapter_dir = ["--adapter-dir", str(lora)] if lora else []
         argv = ["--model-path", str(home.weights), *flags, *adapter_dir, *to_argv(SERVE_OPTIONS, values)]
         sys.exit(run_engine("serve", argv, needs=("llmbox_engine",) if values["engine"] == "vllm" else ENGINE_PACKAGES))

@@ -113,24 +113,15 @@ def serve(model_path: Path, adapter_dir: Path | None, trust_remote_code: bool, *
     home = model_directory(model_path)  # where training writes lora/
     adapter = None if values["no_lora"] else (adapter_dir or home / "lora")
     api_key = values["api_key"] or os.environ.get("LLMBOX_API_KEY") or None
-    vllm_python, gpus = _vllm_python(), _has_gpu()
+    vllm_python, gpus = _vllm_python(), _gpu_count()
     engine, why = choose_serve_engine(
-        values["engine"], vllm_installed=vllm_python is not None, gpus=gpus, images=bool(values["image_dir"])
+        values["engine"], vllm_installed=vllm_python is not None, gpus=gpus > 0, images=bool(values["image_dir"])
     )
     check_engine_options(engine, values)
     print(f"engine: {engine} ({why})", flush=True)
     if engine == "vllm":
-        from llmbox_engine.serve_vllm.command import parse_extra_args
-        from llmbox_engine.serve_vllm.supervisor import VllmConfig, run_vllm
-
         assert vllm_python is not None  # choose_serve_engine refuses vllm without it
-        sys.exit(run_vllm(VllmConfig(
-            model_path=model_path, adapter_dir=adapter, python=vllm_python, host=values["host"], port=values["port"],
-            api_key=api_key, dtype=vllm_dtype(values["dtype"], cpu=not gpus), max_num_seqs=values["max_batch_size"],
-            max_lora_rank=values["max_lora_rank"], tensor_parallel_size=values["tensor_parallel_size"],
-            max_model_len=values["max_model_len"], trust_remote_code=trust_remote_code,
-            extra_args=parse_extra_args(values["vllm_args"]), cpu=not gpus,
-        )))  # fmt: skip
+        sys.exit(_serve_on_vllm(model_path, adapter, api_key, vllm_python, gpus, trust_remote_code, values))
     from llmbox_engine.serve.server import ServeConfig, run_server
 
     run_server(
@@ -149,6 +140,25 @@ def serve(model_path: Path, adapter_dir: Path | None, trust_remote_code: bool, *
             image_dir=Path(values["image_dir"]) if values["image_dir"] else None,
         )
     )
+
+
+def _serve_on_vllm(
+    model_path: Path, adapter: Path | None, api_key: str | None, python: str, gpus: int, trust_remote_code: bool,
+    values: dict[str, Any],
+) -> int:  # fmt: skip
+    from llmbox_engine.serve_vllm.command import parse_extra_args
+    from llmbox_engine.serve_vllm.supervisor import VllmConfig, run_vllm
+
+    # every GPU this server was given (--gpus, CUDA_VISIBLE_DEVICES) holds a share of the model
+    parallel = values["tensor_parallel_size"] or (gpus if gpus > 1 else None)
+    if parallel and not values["tensor_parallel_size"]:
+        print(f"vLLM: tensor parallel over the {gpus} GPUs given (--tensor-parallel-size to choose)", flush=True)
+    return run_vllm(VllmConfig(
+        model_path=model_path, adapter_dir=adapter, python=python, host=values["host"], port=values["port"],
+        api_key=api_key, dtype=vllm_dtype(values["dtype"], cpu=not gpus), max_num_seqs=values["max_batch_size"],
+        max_lora_rank=values["max_lora_rank"], tensor_parallel_size=parallel, max_model_len=values["max_model_len"],
+        trust_remote_code=trust_remote_code, extra_args=parse_extra_args(values["vllm_args"]), cpu=not gpus,
+    ))  # fmt: skip
 
 
 def vllm_dtype(asked: str, cpu: bool) -> str:
@@ -170,10 +180,10 @@ def _vllm_python() -> str | None:
     return sys.executable if importlib.util.find_spec("vllm") is not None else None
 
 
-def _has_gpu() -> bool:
+def _gpu_count() -> int:
     from llmbox.facts import read_gpu_facts
 
-    return bool(read_gpu_facts())
+    return len(read_gpu_facts())
 
 
 @engine.command()

@@ -41,7 +41,12 @@ def run_train(model_path: Path, trust_remote_code: bool, values: dict[str, Any])
         lifeline.die_with_parent()
         with peer_loss_reported():
             train(recipe_options(model_path, trust_remote_code, values))
-        return
+        # done, every file written and every process past the last barrier: leave without the interpreter's
+        # teardown, where gloo's C++ destructors now and then abort (SIGABRT) a process whose peers have already
+        # gone, and the agent would report a finished run as failed
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     where = topology(values, os.environ)
     values = values | {"nproc_per_node": processes(values), "nnodes": where.nnodes}
     if values["dry_run"]:

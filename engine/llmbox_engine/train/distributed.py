@@ -107,12 +107,6 @@ class DistributedContext:
 
             dist.barrier()
 
-    def close(self) -> None:
-        if self.distributed:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
-
     def _device(self) -> Any:
         import torch
 

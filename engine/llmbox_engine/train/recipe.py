@@ -317,9 +317,7 @@ class LoraRecipe:
         if self.options.dry_run:
             return None
         with self.stop:  # a second Ctrl+C aborts the saving too: every artifact is staged, never half-written
-            result = self.finish(self.train())
-        self.dist.close()  # every process has left finish() together
-        return result
+            return self.finish(self.train())  # a torchrun worker then exits at once (train/command.py)
 
     def epoch_batches(self, epoch: int, batch_size: int) -> list[list[int]]:
         """The micro-batches of one epoch: a pure function of (seed, epoch, batch size), so resume can rebuild it."""
