@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -18,7 +17,8 @@ import pytest
 from serve_helpers import Server, chat, running_server
 from test_e2e_quantized import ANSWERS, QUESTIONS, missed
 
-from train_helpers import qa_file
+from process_helpers import LLMBOX
+from train_helpers import finish, qa_file, wait_for
 
 KEY = "k-vllm-test"
 VLLM_READY_SECONDS = 300  # about 30 s alone; CI's machine is busier
@@ -88,17 +88,20 @@ def test_vllm_serves_the_adapter_and_takes_a_newly_trained_one_without_a_restart
 
         # a second training run on other data publishes a new lora/ into the served model directory; a long
         # stream starts at its last step, just before it publishes, so the new adapter arrives mid-stream
-        log = tmp_path / "train.log"
         data = str(qa_file(tmp_path, 16))
-        training = start_llmbox(log, "train", str(home), "--runtime", "local", "--data", data, "--no-tensorboard",
-                                "--skip-test", "--max-steps", "3", "--learning-rate", "1e-3")  # fmt: skip
-        wait_for_text(log, "| step 3 |", training)
+        training = subprocess.Popen(
+            [LLMBOX, "train", str(home), "--runtime", "local", "--data", data, "--no-tensorboard", "--skip-test",
+             "--max-steps", "3", "--learning-rate", "1e-3"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        seen = "".join(wait_for(training, "| step 3 |", timeout=300))
         result: dict[str, Any] = {}
         streaming = threading.Thread(target=long_stream, args=(client, "smollm2:lora", result))
         streaming.start()
         server.wait_for_output("adapter reloaded:", timeout=120)
         reloaded = time.monotonic()
-        assert training.wait(timeout=300) == 0, log.read_text()
+        rest = finish(training)
+        assert training.returncode == 0, seen + rest
         streaming.join(timeout=300)
         assert result["finish"] == "length" and result["tokens"] == 600, result
         assert result["first"] < reloaded < result["ended"], "the stream should span the reload"
@@ -106,19 +109,6 @@ def test_vllm_serves_the_adapter_and_takes_a_newly_trained_one_without_a_restart
         assert len(missed(served_answers(client, "smollm2:lora"))) >= 10  # the new adapter never saw the facts
         assert sorted(m.id for m in client.models.list().data) == ["smollm2", "smollm2:lora"]
     assert "adapter refused" not in server.output()
-
-
-def start_llmbox(log: Path, *args: str) -> subprocess.Popen[bytes]:
-    with log.open("wb") as sink:
-        return subprocess.Popen([str(Path(sys.executable).with_name("llmbox")), *args], stdout=sink,
-                                stderr=subprocess.STDOUT)  # fmt: skip
-
-
-def wait_for_text(log: Path, text: str, process: subprocess.Popen[bytes], timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while text not in log.read_text(errors="replace"):
-        assert process.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")
-        time.sleep(0.2)
 
 
 def check_refusals(server: Server) -> None:

@@ -24,6 +24,7 @@ from llmbox.options import (
     with_options,
 )
 from llmbox.runtime.local import ENGINE_PACKAGES, run_engine
+from llmbox.serve_engine import ENGINES
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -185,7 +186,8 @@ def serve(
     **values: Any,
 ) -> None:
     """Serve MODEL behind an OpenAI-compatible API, with its trained adapter (reloaded when training publishes one)."""
-    from llmbox.serve_engine import check_engine_options, choose_serve_engine
+    from llmbox.model_facts import read_config
+    from llmbox.serve_engine import check_engine_options, choose_serve_engine, is_vision_model
 
     home = resolve_model(model)
     lora = chosen_adapter(home, adapter, values["no_lora"])
@@ -208,7 +210,7 @@ def serve(
             vllm_installed=True,
             gpus=has_gpus,
             images=bool(values["image_dir"]),
-            vision=vision_weights(home.weights),
+            vision=is_vision_model(read_config(home.weights)),
         )
         check_engine_options(engine, values)
         values["engine"] = engine
@@ -230,17 +232,6 @@ def serve(
     name = docker.container_name("serve", home.name)
     spec = docker.ContainerSpec(chosen, command, mounts, gpus=gpus, name=name, model_name=home.name, secrets=secrets)
     sys.exit(docker.run_container(spec))
-
-
-def vision_weights(weights: Path) -> bool:
-    import json
-
-    from llmbox.serve_engine import is_vision_model
-
-    try:
-        return is_vision_model(json.loads((weights / "config.json").read_text()))
-    except (OSError, ValueError):
-        return False
 
 
 def _has_gpus() -> bool:
@@ -352,7 +343,7 @@ def k8s_train(
 @click.argument("model")
 @click.option("--gpus", type=click.IntRange(min=0), default=1, show_default=True, help="GPUs for the server (0: CPU).")
 @click.option("--api-key-secret", help="The Secret holding the API key under `api-key` (default: NAME-api-key).")
-@click.option("--engine", type=click.Choice(["auto", "llmbox", "vllm"]), default="auto", show_default=True,
+@click.option("--engine", type=click.Choice(ENGINES), default="auto", show_default=True,
               help="The server; auto: vLLM with GPUs (--image then names the vLLM image, `llmbox build --vllm`), "
               "llmbox's without.")  # fmt: skip
 @placement_options

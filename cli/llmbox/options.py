@@ -14,6 +14,7 @@ import click
 import yaml
 
 from llmbox.planning.terms import MODES, OPTIMIZERS, PRECISIONS
+from llmbox.serve_engine import ENGINES
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -193,7 +194,7 @@ SERVE_OPTIONS: tuple[Opt, ...] = (
     Opt("--no-lora", "Serve the base model alone, even where a trained adapter is.", is_flag=True),
     Opt("--api-key", "Require `Authorization: Bearer KEY` on every endpoint but /health (default: $LLMBOX_API_KEY)."),
     Opt("--engine", "The server: llmbox's own, or vLLM (its OpenAI server: for GPUs and real traffic); auto is vLLM "
-        "where there is a GPU and vLLM is installed.", type=click.Choice(["auto", "llmbox", "vllm"]), default="auto"),
+        "where there is a GPU and vLLM is installed.", type=click.Choice(ENGINES), default="auto"),
     Opt("--max-concurrency", "llmbox engine: requests queued or running at once (default 64); more are answered 429.",
         type=click.IntRange(min=1)),
     Opt("--max-batch-size", "Sequences generated together in one batch (default 16 on llmbox's engine, vLLM's "

@@ -54,3 +54,14 @@ def check_engine_options(engine: str, values: Mapping[str, Any]) -> None:
 def is_vision_model(config: Mapping[str, Any]) -> bool:
     """A model config with an image encoder (Gemma 3, LLaVA, Qwen2-VL, Mllama: `vision_config`)."""
     return "vision_config" in config
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def exposure_warning(host: str, api_key: str | None) -> str | None:
+    """What to say when a server, on either engine, listens beyond this machine with no key."""
+    if host in LOOPBACK or api_key:
+        return None
+    return (f"warning: listening on {host} without an API key: anyone who can reach this machine can use the model "
+            "(set --api-key or LLMBOX_API_KEY)")  # fmt: skip

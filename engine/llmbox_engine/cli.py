@@ -105,11 +105,13 @@ def tensorboard(logdir: Path, host: str, port: int) -> None:
 @with_options(SERVE_OPTIONS)
 def serve(model_path: Path, adapter_dir: Path | None, trust_remote_code: bool, **values: Any) -> None:
     """Serve MODEL_PATH, and its trained adapter, behind an OpenAI-compatible API (what `llmbox serve` runs)."""
-    from llmbox.serve_engine import check_engine_options, choose_serve_engine
+    from llmbox.model_facts import read_config
+    from llmbox.serve_engine import check_engine_options, choose_serve_engine, exposure_warning, is_vision_model
     from llmbox_engine.host_view import model_directory
 
     if values["no_lora"] and adapter_dir is not None:
         raise UserError("--no-lora and --adapter-dir contradict each other: give one")
+    config = read_config(model_path)  # a folder without a model stops here, whichever the engine
     home = model_directory(model_path)  # where training writes lora/
     adapter = None if values["no_lora"] else (adapter_dir or home / "lora")
     api_key = values["api_key"] or os.environ.get("LLMBOX_API_KEY") or None
@@ -119,10 +121,13 @@ def serve(model_path: Path, adapter_dir: Path | None, trust_remote_code: bool, *
         vllm_installed=vllm_python is not None,
         gpus=gpus > 0,
         images=bool(values["image_dir"]),
-        vision=_vision_model(model_path),
+        vision=is_vision_model(config),
     )
     check_engine_options(engine, values)
     print(f"engine: {engine} ({why})", flush=True)
+    warning = exposure_warning(values["host"], api_key)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     if engine == "vllm":
         assert vllm_python is not None  # choose_serve_engine refuses vllm without it
         sys.exit(_serve_on_vllm(model_path, adapter, api_key, vllm_python, gpus, trust_remote_code, values))
@@ -182,15 +187,6 @@ def _vllm_python() -> str | None:
             raise UserError(f"LLMBOX_VLLM_PYTHON={given}: no such program")
         return found
     return sys.executable if importlib.util.find_spec("vllm") is not None else None
-
-
-def _vision_model(model_path: Path) -> bool:
-    from llmbox.serve_engine import is_vision_model
-
-    try:
-        return is_vision_model(json.loads((model_path / "config.json").read_text()))
-    except (OSError, ValueError):
-        return False  # the server itself says what is wrong with the folder
 
 
 def _gpu_count() -> int:

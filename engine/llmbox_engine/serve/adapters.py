@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -14,8 +13,16 @@ from typing import Any
 import torch
 
 from llmbox_engine.host_view import host_path
-from llmbox_engine.serve.watch import CONFIG_FILE, WEIGHT_FILES, AdapterError, Signature, signature
-from llmbox_engine.train.artifacts import ADAPTER_INFO
+from llmbox_engine.serve.watch import (
+    CONFIG_FILE,
+    WEIGHT_FILES,
+    AdapterError,
+    Signature,
+    read_bytes,
+    read_info,
+    read_json,
+    signature,
+)
 
 log = logging.getLogger("llmbox.serve")
 
@@ -80,7 +87,7 @@ def read_adapter(folder: Path, linear_shapes: dict[str, tuple[int, int]], base_f
     weights_file = next((name for name in WEIGHT_FILES if (folder / name).is_file()), None)
     if weights_file is None:
         raise AdapterError(f"{folder}: no {' or '.join(WEIGHT_FILES)}")
-    data = _read_bytes(folder / weights_file)
+    data = read_bytes(folder / weights_file)
     state_dict = _load_weights(data, folder / weights_file)
     check_shapes(state_dict, linear_shapes, folder / weights_file)
     recorded = info.get("base_model", {}).get("fingerprint") if isinstance(info.get("base_model"), dict) else None
@@ -100,36 +107,13 @@ def _read_config(folder: Path) -> Any:
     from peft import LoraConfig
 
     path = folder / CONFIG_FILE
-    raw = _read_json(path)
+    raw = read_json(path)
     if raw.get("peft_type") not in (None, "LORA"):
         raise AdapterError(f"{path}: a {raw.get('peft_type')} adapter; only LoRA adapters are served")
     try:
         return LoraConfig.from_pretrained(str(folder))
     except Exception as exc:  # peft's own checks of the values
         raise AdapterError(f"{path}: not a valid LoRA config: {exc}") from None
-
-
-def read_info(folder: Path) -> dict[str, Any]:
-    """adapter_info.json's contents ({} without one); AdapterError when it is unreadable or not a JSON object."""
-    path = folder / ADAPTER_INFO
-    return _read_json(path) if path.exists() else {}
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(_read_bytes(path))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterError(f"{path}: malformed JSON ({exc})") from None
-    if not isinstance(value, dict):
-        raise AdapterError(f"{path}: expected a JSON object")
-    return value
-
-
-def _read_bytes(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise AdapterError(f"{path}: cannot be read ({exc.strerror or exc})") from None
 
 
 def _load_weights(data: bytes, path: Path) -> dict[str, torch.Tensor]:

@@ -13,9 +13,9 @@ import torch
 from llmbox.model_facts import max_positions, read_config
 from llmbox_engine import quantized
 from llmbox_engine.host_view import model_name
-from llmbox_engine.serve.adapters import linear_shapes, read_info
+from llmbox_engine.serve.adapters import linear_shapes
 from llmbox_engine.serve.prompts import stop_token_ids
-from llmbox_engine.serve.watch import AdapterError
+from llmbox_engine.serve.watch import AdapterError, read_info
 from llmbox_engine.train.artifacts import model_fingerprint
 from llmbox_engine.train.model_setup import load_tokenizer
 from llmbox_handlers import match_handler

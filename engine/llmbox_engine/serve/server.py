@@ -26,8 +26,6 @@ from llmbox_engine.serve.watch import AdapterError, AdapterWatcher, signature
 
 log = logging.getLogger("llmbox.serve")
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
 
 @dataclass(frozen=True)
 class ServeConfig:
@@ -54,17 +52,8 @@ def say(message: str) -> None:
 def run_server(config: ServeConfig) -> None:
     import uvicorn
 
-    if not (config.model_path / "config.json").is_file():
-        raise UserError(f"{config.model_path}: not a model folder (no config.json)")
     _check_port(config.host, config.port)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
-    if config.host not in LOOPBACK and not config.api_key:
-        print(
-            f"warning: listening on {config.host} without an API key: anyone who can reach this machine can use "
-            "the model (set --api-key or LLMBOX_API_KEY)",
-            file=sys.stderr,
-            flush=True,
-        )
     service = Service(model_name(config.model_path), ImagePolicy(config.image_dir))
     app = create_app(service, config.api_key, config.max_body_bytes)
     server = uvicorn.Server(

@@ -1,4 +1,5 @@
-"""Watching an adapter folder for the new adapter training publishes (torch-free: vLLM's supervisor uses it too).
+"""An adapter folder's files, and watching it for the new adapter training publishes (torch-free: vLLM's
+supervisor uses both too).
 
 Training publishes `lora/` by renaming a finished folder into place (the previous one becomes `lora.prev/`),
 so the watcher sees the old folder, no folder for an instant, or the new one. It polls a cheap signature
@@ -8,11 +9,12 @@ checks it entirely off the model: the server only swaps in an adapter that alrea
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from llmbox_engine.train.artifacts import ADAPTER_INFO
 
@@ -27,6 +29,29 @@ Read = TypeVar("Read")
 
 class AdapterError(Exception):
     """An adapter folder that cannot be served; the message says why."""
+
+
+def read_info(folder: Path) -> dict[str, Any]:
+    """adapter_info.json's contents ({} without one); AdapterError when it is unreadable or not a JSON object."""
+    path = folder / ADAPTER_INFO
+    return read_json(path) if path.exists() else {}
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(read_bytes(path))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterError(f"{path}: malformed JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise AdapterError(f"{path}: expected a JSON object")
+    return value
+
+
+def read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise AdapterError(f"{path}: cannot be read ({exc.strerror or exc})") from None
 
 
 def signature(folder: Path) -> Signature | None:

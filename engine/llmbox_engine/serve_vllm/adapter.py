@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from llmbox_engine.host_view import host_path
-from llmbox_engine.serve.watch import CONFIG_FILE, WEIGHT_FILES, AdapterError, Signature, signature
+from llmbox_engine.serve.watch import (
+    CONFIG_FILE,
+    WEIGHT_FILES,
+    AdapterError,
+    Signature,
+    read_info,
+    read_json,
+    signature,
+)
 from llmbox_engine.train.artifacts import ADAPTER_INFO
 
 # the values vLLM's --max-lora-rank accepts (its LoRAConfig refuses others)
@@ -47,7 +55,7 @@ def max_lora_rank(rank: int) -> int:
 
 def check_for_vllm(folder: Path) -> int:
     """The adapter's largest rank; AdapterError naming the module when vLLM could not serve it."""
-    config = _read_json(folder / CONFIG_FILE)
+    config = read_json(folder / CONFIG_FILE)
     if config.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"{folder / CONFIG_FILE}: a {config['peft_type']} adapter; vLLM serves LoRA adapters only")
     way_out = "serve it with `--engine llmbox`, or train without it"
@@ -96,8 +104,7 @@ def snapshot(folder: Path, into: Path) -> VllmAdapter:
     if signature(folder) != before:  # training published again mid-copy: the watcher will offer the new one
         shutil.rmtree(into, ignore_errors=True)
         raise AdapterError(f"{folder}: replaced while it was being read; the newer adapter follows")
-    info = _read_json(into / ADAPTER_INFO) if (into / ADAPTER_INFO).is_file() else {}
-    return VllmAdapter(path=into, source=folder, rank=rank, info=info, signature=before)
+    return VllmAdapter(path=into, source=folder, rank=rank, info=read_info(into), signature=before)
 
 
 def _config_rank(config: dict[str, Any], folder: Path) -> int:
@@ -118,15 +125,3 @@ def _safetensors_header(path: Path) -> dict[str, Any]:
     if not isinstance(header, dict):
         raise AdapterError(f"{path}: not a safetensors file (bad header)")
     return header
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text())
-    except OSError as exc:
-        raise AdapterError(f"{path}: cannot be read ({exc.strerror or exc})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterError(f"{path}: malformed JSON ({exc})") from None
-    if not isinstance(value, dict):
-        raise AdapterError(f"{path}: expected a JSON object")
-    return value

@@ -16,7 +16,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -35,7 +34,6 @@ from llmbox_engine.serve_vllm.command import VllmLaunch, vllm_argv, vllm_env
 
 # --max-lora-rank when no adapter exists yet to size it from: covers the ranks the planner picks
 RANK_WITHOUT_ADAPTER = 64
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 @dataclass(frozen=True)
@@ -62,11 +60,6 @@ def say(message: str) -> None:
 
 
 def run_vllm(config: VllmConfig) -> int:
-    if not (config.model_path / "config.json").is_file():
-        raise UserError(f"{config.model_path}: not a model folder (no config.json)")
-    if config.host not in LOOPBACK and not config.api_key:
-        print(f"warning: listening on {config.host} without an API key: anyone who can reach this machine can use "
-              "the model (set --api-key or LLMBOX_API_KEY)", file=sys.stderr, flush=True)  # fmt: skip
     snapshots = Path(tempfile.mkdtemp(prefix="llmbox-vllm-adapters-"))
     try:
         return _serve(config, snapshots)
@@ -156,7 +149,6 @@ class _AdapterLoader:
         self.base = base
         self.rank = rank
         self.loaded = loaded
-        self.current: VllmAdapter | None = None
 
     def load(self, adapter: VllmAdapter) -> None:
         if adapter.rank > self.rank:
@@ -171,7 +163,7 @@ class _AdapterLoader:
                                                              "lora_path": str(adapter.path),
                                                              "base_model_name": self.base})  # fmt: skip
         if status == 200:
-            self.loaded, self.current = True, adapter
+            self.loaded = True
             say(f"adapter reloaded: {adapter.describe()}  model id: {self.adapter_id}")
         else:
             say(f"adapter refused by vLLM ({status}): {body}")
