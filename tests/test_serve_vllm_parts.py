@@ -189,3 +189,19 @@ def test_dtype_auto_means_float32_on_a_cpu_for_vllm_too() -> None:
 
     assert vllm_dtype("auto", cpu=True) == "float32"
     assert vllm_dtype("auto", cpu=False) == "auto" and vllm_dtype("bfloat16", cpu=True) == "bfloat16"
+
+
+def test_an_adapter_ranked_beyond_vllms_largest_is_refused_before_launch(tmp_path: Path) -> None:
+    a, b = f"{PREFIX}.q_proj.lora_A.weight", f"{PREFIX}.q_proj.lora_B.weight"
+    wide = {a: torch.zeros(1024, 4), b: torch.zeros(4, 1024)}
+    folder = write_adapter(tmp_path / "a", {"r": 1024}, **wide)
+    with pytest.raises(AdapterError, match="1024 is above vLLM's largest --max-lora-rank"):
+        check_for_vllm(folder)
+
+
+def test_a_max_lora_rank_vllm_would_refuse_is_an_error_before_launch(tiny_llama: Path) -> None:
+    given = {"LLMBOX_VLLM_PYTHON": sys.executable}  # nothing starts: the value is refused first
+    proc = run_llmbox("serve", str(tiny_llama), "--runtime", "local", "--engine", "vllm", "--max-lora-rank", "12",
+                      env=given)  # fmt: skip
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "--max-lora-rank 12: vLLM takes one of 1, 8, 16, 32, 64, 128, 256, 320, 512" in proc.stderr, proc.stderr

@@ -55,6 +55,12 @@ def max_lora_rank(rank: int) -> int:
 
 def check_for_vllm(folder: Path) -> int:
     """The adapter's largest rank; AdapterError naming the module when vLLM could not serve it."""
+    rank = _largest_rank(folder)
+    max_lora_rank(rank)  # a rank beyond any --max-lora-rank is refused here, with the adapter's other faults
+    return rank
+
+
+def _largest_rank(folder: Path) -> int:
     config = read_json(folder / CONFIG_FILE)
     if config.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"{folder / CONFIG_FILE}: a {config['peft_type']} adapter; vLLM serves LoRA adapters only")

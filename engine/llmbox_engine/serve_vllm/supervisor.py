@@ -29,7 +29,7 @@ from typing import Any
 from llmbox.errors import UserError
 from llmbox_engine.host_view import host_path, model_name
 from llmbox_engine.serve.watch import AdapterError, AdapterWatcher, signature
-from llmbox_engine.serve_vllm.adapter import VllmAdapter, max_lora_rank, snapshot
+from llmbox_engine.serve_vllm.adapter import VLLM_LORA_RANKS, VllmAdapter, max_lora_rank, snapshot
 from llmbox_engine.serve_vllm.command import VllmLaunch, vllm_argv, vllm_env
 
 # --max-lora-rank when no adapter exists yet to size it from: covers the ranks the planner picks
@@ -68,6 +68,9 @@ def run_vllm(config: VllmConfig) -> int:
 
 
 def _serve(config: VllmConfig, snapshots: Path) -> int:
+    if config.max_lora_rank is not None and config.max_lora_rank not in VLLM_LORA_RANKS:
+        allowed = ", ".join(map(str, VLLM_LORA_RANKS))
+        raise UserError(f"--max-lora-rank {config.max_lora_rank}: vLLM takes one of {allowed}")
     name = model_name(config.model_path)
     adapters = _Snapshots(snapshots)
     first = _first_adapter(config.adapter_dir, adapters) if config.adapter_dir else None
