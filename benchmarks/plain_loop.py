@@ -1,9 +1,13 @@
 """The baseline of `make bench-learn`: the LoRA loop a practitioner writes in twenty lines with plain peft.
 
-    python benchmarks/plain_loop.py MODEL_DIR FACTS.json OUTPUT_DIR [--epochs 10] [--save-each-epoch]
+    python benchmarks/plain_loop.py MODEL_DIR FACTS.json OUTPUT_DIR [--epochs 10] [--ask-each-epoch]
 
 LoRA r8 (alpha 16, dropout 0.05) on every projection, batch 1, AdamW at 2e-4, the loss on the answer's tokens,
 examples shuffled every epoch, fp32, then the adapter saved. Timed from the outside as one whole command.
+
+With --ask-each-epoch (the benchmark's "as many epochs as it needs") it saves OUTPUT/epoch-N after every epoch,
+prints the seconds a command stopped there would have taken, and waits for `go` or `stop` on stdin while the
+benchmark checks that adapter's recall; the waits are left out of the seconds it prints.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -27,7 +32,7 @@ def main() -> None:
     parser.add_argument("output")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--learning-rate", type=float, default=2e-4)
-    parser.add_argument("--save-each-epoch", action="store_true", help="OUTPUT/epoch-N after every epoch (timed)")
+    parser.add_argument("--ask-each-epoch", action="store_true", help="save OUTPUT/epoch-N, then go on or stop")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -47,6 +52,7 @@ def main() -> None:
         examples.append((ids, labels))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate)
     model.train()
+    waited = 0.0  # seconds spent waiting for the benchmark's verdict: not training time
     for epoch in range(args.epochs):
         random.Random(epoch).shuffle(examples)
         total = 0.0
@@ -56,11 +62,17 @@ def main() -> None:
             optimizer.step()
             optimizer.zero_grad()
             total += loss.item()
-        if args.save_each_epoch:
+        if args.ask_each_epoch:
             model.save_pretrained(f"{args.output}/epoch-{epoch + 1}")
         # seconds since this process started: what a whole command stopped after this epoch would have taken
-        since_start = time.time() - psutil.Process().create_time()
+        since_start = time.time() - psutil.Process().create_time() - waited
         print(f"epoch {epoch + 1}: loss {total / len(examples):.4f} at {since_start:.1f} s", flush=True)
+        if args.ask_each_epoch:
+            asked = time.time()
+            verdict = sys.stdin.readline().strip()
+            waited += time.time() - asked
+            if verdict != "go":
+                return
     model.save_pretrained(args.output)
 
 
