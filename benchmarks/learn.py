@@ -20,7 +20,6 @@ result.json is there from an earlier, interrupted run is not run again.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import subprocess
 import sys
@@ -31,10 +30,21 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from common import REPO, RESULTS, markdown_table, report_header, run_child, save_report, smollm2_dir, write_json
+from common import (
+    REPO,
+    RESULTS,
+    markdown_table,
+    read_json,
+    report_header,
+    run_child,
+    save_report,
+    smollm2_dir,
+    write_json,
+)
 from synthetic import invented_facts
 
 FACTS = Path(__file__).parent / "data" / "learn_facts.json"
+PLAIN_LOOP = Path(__file__).parent / "plain_loop.py"
 PLAIN_EPOCHS = 10  # the dozen: the loop as the issue describes it
 EPOCH_LINE = re.compile(r"^epoch (\d+): loss \S+ at ([\d.]+) s$", re.MULTILINE)
 
@@ -99,7 +109,7 @@ def run_llmbox(model: Path, facts_file: Path, facts: list[dict[str, str]], folde
         return result | {"error": log[-2000:]}
     adapter = folder / "run" / "lora"
     right, answers = recall(model, adapter, facts)
-    info = json.loads((adapter / "adapter_info.json").read_text())
+    info = read_json(adapter / "adapter_info.json")
     return result | {"recall": right, "of": len(facts), "answers": answers, "steps": info["steps"],
                      "epochs": info["epochs"], "stop_reason": info["stop_reason"]}  # fmt: skip
 
@@ -110,8 +120,7 @@ def run_plain(
     """The plain loop; with `goal` (a recall to reach), stopped at the first epoch whose adapter reaches it."""
     if goal is not None:
         return run_plain_to_goal(model, facts_file, facts, folder, epochs, goal)
-    command = [str(Path(__file__).parent / "plain_loop.py"), str(model), str(facts_file), str(folder / "adapter"),
-               "--epochs", str(epochs)]  # fmt: skip
+    command = [str(PLAIN_LOOP), str(model), str(facts_file), str(folder / "adapter"), "--epochs", str(epochs)]
     code, wall, log = timed(command, folder)
     result: dict[str, Any] = {"contender": "plain_loop", "returncode": code, "wall_s": round(wall, 1)}
     if code != 0:
@@ -125,8 +134,8 @@ def run_plain_to_goal(
 ) -> dict:
     """Check each epoch's adapter while the loop waits (its clock paused) and stop it at the first that recalls
     `goal` facts: the time of a command that ran exactly that many epochs, without training the rest."""
-    command = [sys.executable, str(Path(__file__).parent / "plain_loop.py"), str(model), str(facts_file),
-               str(folder / "adapter"), "--epochs", str(epochs), "--ask-each-epoch"]  # fmt: skip
+    command = [sys.executable, str(PLAIN_LOOP), str(model), str(facts_file), str(folder / "adapter"),
+               "--epochs", str(epochs), "--ask-each-epoch"]  # fmt: skip
     folder.mkdir(parents=True, exist_ok=True)
     log_file = folder / "log.txt"
     result: dict[str, Any] = {"contender": "plain_loop", "epoch_seconds": {}, "epoch_recall": {}}
@@ -166,8 +175,9 @@ def run_plain_to_goal(
 def reused_or_run(folder: Path, run: Callable[[], dict]) -> dict:
     """A contender's result.json from an earlier run in this workdir, or a fresh run, saved there."""
     saved = folder / "result.json"
-    if saved.is_file() and json.loads(saved.read_text()).get("returncode") == 0:
-        return json.loads(saved.read_text()) | {"reused": True}
+    earlier = read_json(saved) if saved.is_file() else {}
+    if earlier.get("returncode") == 0:
+        return dict(earlier) | {"reused": True}
     result = run()
     write_json(saved, result)
     return dict(result)
@@ -177,7 +187,7 @@ def carried_runs(previous: Path, sizes: list[int]) -> tuple[list[dict[str, Any]]
     """The earlier report's runs of the sizes not run now, and when and where each of them was measured."""
     if not previous.is_file():
         return [], {}
-    report = json.loads(previous.read_text())
+    report = read_json(previous)
     measured = report.get("measured", {})
     runs = [r for r in report.get("runs", []) if r["size"] not in sizes]
     fallback = f"{report.get('date', '?')}, {report.get('machine', {}).get('cpu', '?')}"
@@ -224,7 +234,7 @@ def main() -> None:
             facts_file = (
                 args.facts if size == 12 else write_json(workdir / f"facts-{size}.json", invented_facts(size, size))
             )
-            facts = json.loads(facts_file.read_text())
+            facts = read_json(facts_file)
             for repeat in range(args.repeats):
                 here = workdir / f"{size}-{repeat}"
                 order = (
